@@ -1,0 +1,139 @@
+"""`psamf` command line: one Typer command per stage, all reading the same config tree.
+
+Every command takes `--params`, `--profile` and repeated `--set section.key=value`.
+Bad input ends in one line on stderr (`psamf: error: <where>: <what>`) and exit code 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from psamf.config import Config, load_config
+from psamf.errors import InputError
+
+app = typer.Typer(help="Personalized multimodal sentiment analysis pipeline.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Corpora: build, simulate, ingest, validate.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml path (default: ./params.yaml or $PSAMF_PARAMS)")]
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="smoke | demo | paper")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any key: section.key=value")]
+CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="synthetic | mosi (same as --set data.corpus=...)")]
+
+
+def config_from(params: Path | None, profile: str | None, sets: list[str] | None,
+                corpus: str | None = None) -> Config:
+    overrides = list(sets or [])
+    if corpus:
+        overrides.append(f"data.corpus={corpus}")
+    return load_config(params, profile, overrides)
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """Turn InputError into the one-line message + exit 2 contract."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            typer.echo(f"psamf: error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@app.command("config")
+@one_line_errors
+def show_config(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                corpus: CorpusOpt = None) -> None:
+    """Print the resolved config (profile merged, overrides applied)."""
+    echo_json(config_from(params, profile, set_, corpus).to_dict())
+
+
+@data_app.command("synth")
+@one_line_errors
+def data_synth(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+               out: Annotated[Optional[Path], typer.Option(help="default: <raw_dir>/synthetic")] = None) -> None:
+    """Write the synthetic corpus (SDK layout + First Impressions-format personality corpus)."""
+    from psamf.data.synth import write_synthetic_corpus
+
+    cfg = config_from(params, profile, set_, "synthetic")
+    echo_json(write_synthetic_corpus(cfg, out))
+
+
+@data_app.command("simulate-av")
+@one_line_errors
+def data_simulate_av(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                     out: Annotated[Optional[Path], typer.Option(help="default: <raw_dir>/mosi")] = None) -> None:
+    """Write simulated COVAREP/FACET CSDs for the real MOSI labels (marked as simulated)."""
+    from psamf.data.mosi import simulate_av
+
+    cfg = config_from(params, profile, set_, "mosi")
+    echo_json(simulate_av(cfg, out))
+
+
+@data_app.command("ingest")
+@one_line_errors
+def data_ingest(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                corpus: CorpusOpt = None) -> None:
+    """Align the corpus to fixed-length segments and write the prepared dataset."""
+    from psamf.data.ingest import ingest
+
+    cfg = config_from(params, profile, set_, corpus)
+    echo_json(ingest(cfg))
+
+
+@data_app.command("validate")
+@one_line_errors
+def data_validate(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                  corpus: CorpusOpt = None,
+                  out: Annotated[Optional[Path], typer.Option(help="default: reports/validation/<corpus>")] = None) -> None:
+    """Run the great-expectations suites; write data docs + summary; exit 1 naming each failure."""
+    from psamf.validation import validate
+
+    cfg = config_from(params, profile, set_, corpus)
+    result = validate(cfg, out)
+    for failure in result.failures:
+        typer.echo(f"psamf: validation failed: {failure}", err=True)
+    typer.echo(f"validation {'passed' if result.success else 'FAILED'}: {result.summary_path}")
+    if not result.success:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+@one_line_errors
+def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """The main job on the embedded default: build the corpus, ingest, validate."""
+    from psamf.data.ingest import ingest
+    from psamf.data.synth import write_synthetic_corpus
+    from psamf.validation import validate
+
+    cfg = config_from(params, profile, set_)
+    if cfg.data.corpus == "synthetic":
+        write_synthetic_corpus(cfg)
+    ingest(cfg)
+    result = validate(cfg)
+    for failure in result.failures:
+        typer.echo(f"psamf: validation failed: {failure}", err=True)
+    if not result.success:
+        raise typer.Exit(1)
+    typer.echo(f"demo done: {result.summary_path}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

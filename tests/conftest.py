@@ -1,0 +1,35 @@
+"""Shared fixtures. Real corpora come from $PSAMF_SHARED_DATA (default ../shared/data)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PSAMF_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real-data dir; tests that need it skip with the reason when it is absent."""
+    if not (SHARED / "cmu-mosi" / "CMU_MOSI_Opinion_Labels.csd").is_file():
+        pytest.skip(f"real corpora not found in {SHARED} (set PSAMF_SHARED_DATA)")
+    return SHARED
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path):
+    """A smoke-profile config whose every output lands under tmp_path."""
+    from psamf.config import load_config
+
+    return load_config(REPO / "params.yaml", "smoke", [
+        f"data.raw_dir={tmp_path}/raw",
+        f"data.prepared_dir={tmp_path}/prepared",
+        f"data.shared_dir={SHARED}",
+        f"text_features.cache_dir={tmp_path}/cache",
+    ])
