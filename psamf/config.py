@@ -70,7 +70,7 @@ class SynthConfig:
 class SimulateConfig:
     audio_hz: int = 50
     visual_hz: int = 15
-    signal: float = 0.25
+    signal: float = 0.2
     seed: int = 0
 
 

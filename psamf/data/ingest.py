@@ -1,0 +1,159 @@
+"""`psamf data ingest`: SDK corpus -> prepared dataset (segments table + aligned arrays).
+
+Reads the labels CSD (one row per labelled segment), transcripts and folds, cuts the
+COVAREP and FACET sequences to each segment's interval, applies the explicit policy for
+non-finite frames (COVAREP has -inf), and pools/pads to T steps. Segments with no
+transcript are reported and excluded by name, never dropped silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from psamf.config import Config
+from psamf.data.align import frames_in, pool_or_pad
+from psamf.data.csd import ComputationalSequence, read_csd
+from psamf.data.layout import SIMULATED_KEY, csd_name, read_folds, read_transcripts
+from psamf.data.prepared import MODALITIES, PreparedDataset, save_prepared
+from psamf.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CorpusSources:
+    labels: Path
+    audio: Path
+    visual: Path
+    transcripts: Path
+    folds: Path
+
+
+def corpus_sources(cfg: Config) -> CorpusSources:
+    """Where each input lives. For mosi, real AV CSDs in the SDK dir win over simulated ones."""
+    corpus = cfg.data.corpus
+    if corpus == "synthetic":
+        d = cfg.data.raw_path
+        return CorpusSources(*(d / csd_name(corpus, r) for r in ("labels", "audio", "visual")),
+                             d / "transcripts.csv", d / "standard_folds.json")
+    if corpus == "mosi":
+        sdk, sim = cfg.data.mosi_path, cfg.data.raw_path
+        av = {}
+        for role in ("audio", "visual"):
+            name = csd_name(corpus, role)
+            av[role] = sdk / name if (sdk / name).is_file() else sim / name
+            if not av[role].is_file():
+                raise InputError(sdk / name, f"no {role} CSD here or in {sim}; run `psamf data simulate-av` "
+                                             "or put the SDK's file there")
+        return CorpusSources(sdk / csd_name(corpus, "labels"), av["audio"], av["visual"],
+                             sdk / "transcripts.csv", sdk / "standard_folds.json")
+    raise InputError("data.corpus", f"unknown corpus {corpus!r} (synthetic | mosi)")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_dim(seq: ComputationalSequence, path: Path, want: int) -> None:
+    if seq.dim != want:
+        raise InputError(path, f"features are {seq.dim}-d, config expects {want} (data.*_dim)")
+
+
+def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, dict[str, Any]]:
+    """Everything ingest computes, in memory; `ingest` adds the atomic write."""
+    T = cfg.data.seq_len
+    labels = read_csd(src.labels)
+    transcripts = read_transcripts(src.transcripts)
+    folds = read_folds(src.folds)
+    split_of = {v: s for s, vs in folds.items() for v in vs}
+    videos = set(labels.data)
+    streams = {"audio": read_csd(src.audio, videos), "visual": read_csd(src.visual, videos)}
+    _check_dim(streams["audio"], src.audio, cfg.data.audio_dim)
+    _check_dim(streams["visual"], src.visual, cfg.data.visual_dim)
+
+    rows: list[dict[str, Any]] = []
+    excluded: list[dict[str, str]] = []
+    per_mod: dict[str, list] = {f"{m}{k}": [] for m in MODALITIES for k in ("", "_len", "_mask")}
+    nonfinite = {m: 0 for m in MODALITIES}
+    video_end: dict[str, float] = {}
+    labelled_splits = {s: 0 for s in ("train", "valid", "test")}
+    for vid in tqdm(sorted(labels.data), desc="ingest", unit="video", leave=False):
+        feats, ivals = labels.data[vid]
+        if vid not in split_of:
+            raise InputError(src.folds, f"video {vid} has labels but is in no fold")
+        for m in MODALITIES:
+            if vid not in streams[m].data:
+                raise InputError(getattr(src, m), f"video {vid} is missing (labels have it)")
+        video_end[vid] = float(max(streams[m].data[vid][1][:, 1].max() for m in MODALITIES))
+        for i in range(len(feats)):
+            labelled_splits[split_of[vid]] += 1
+            seg = f"{vid}_{i + 1}"
+            start, end = float(ivals[i, 0]), float(ivals[i, 1])
+            text = transcripts.get(seg, "")
+            if not text:
+                excluded.append({"segment_id": seg, "reason": "no transcript"})
+                continue
+            for m in MODALITIES:
+                m_feats, m_ivals = streams[m].data[vid]
+                x = m_feats[frames_in(m_ivals, start, end)]
+                bad = ~np.isfinite(x)
+                if bad.any():
+                    if cfg.data.nonfinite == "error":
+                        raise InputError(getattr(src, m), f"segment {seg}: {int(bad.sum())} non-finite values "
+                                                          "(data.nonfinite=error)")
+                    nonfinite[m] += int(bad.sum())
+                    x = np.where(bad, 0.0, x)
+                pooled, mask = pool_or_pad(x, T)
+                per_mod[m].append(pooled)
+                per_mod[f"{m}_len"].append(len(x))
+                per_mod[f"{m}_mask"].append(mask)
+            rows.append({"segment_id": seg, "video_id": vid, "speaker_id": vid, "split": split_of[vid],
+                         "label": float(feats[i, 0]), "text": text, "start": start, "end": end})
+    if not rows:
+        raise InputError(src.labels, "no labelled segment with a transcript")
+    segments = pd.DataFrame(rows)
+    arrays: dict[str, np.ndarray] = {}
+    for m in MODALITIES:
+        arrays[m] = np.stack(per_mod[m]).astype(np.float32)
+        arrays[f"{m}_len"] = np.asarray(per_mod[f"{m}_len"], dtype=np.int64)
+        arrays[f"{m}_mask"] = np.stack(per_mod[f"{m}_mask"])
+    av_simulated = any(bool(streams[m].metadata.get(SIMULATED_KEY)) for m in MODALITIES)
+    manifest = {
+        "corpus": cfg.data.corpus,
+        "av_simulated": av_simulated,
+        "seq_len": T,
+        "dims": {"audio": cfg.data.audio_dim, "visual": cfg.data.visual_dim},
+        "n_labelled": sum(labelled_splits.values()),
+        "labelled_splits": labelled_splits,
+        "n_prepared": len(segments),
+        "splits": {s: int((segments["split"] == s).sum()) for s in ("train", "valid", "test")},
+        "excluded": excluded,
+        "nonfinite": {"policy": cfg.data.nonfinite, **nonfinite},
+        "folds": folds,
+        "video_end": video_end,
+        "sources": {role: {"path": str(p), "sha256": sha256(p)} for role, p in vars(src).items()},
+    }
+    return PreparedDataset(segments, arrays, manifest), manifest
+
+
+def ingest(cfg: Config) -> dict[str, Any]:
+    """Build and atomically write <prepared_dir>/<corpus>/; returns a JSON-able report."""
+    src = corpus_sources(cfg)
+    ds, manifest = build_prepared(cfg, src)
+    out = save_prepared(ds, cfg.data.prepared_path)
+    for e in manifest["excluded"]:
+        log.warning("excluded %s: %s", e["segment_id"], e["reason"])
+    return {k: manifest[k] for k in ("corpus", "av_simulated", "n_labelled", "labelled_splits", "n_prepared", "splits",
+                                      "excluded", "nonfinite")} | {"videos": len(manifest["video_end"]),
+                                                                   "out": str(out)}
