@@ -16,6 +16,8 @@ reference exactly two globals, `numpy.core.multiarray.scalar` and `numpy.dtype` 
 reference none. `restricted_load` unpickles with `encoding='latin1'` through an
 unpickler that admits those two globals and nothing else; any other global, and any
 truncated, corrupt or wrongly shaped file, becomes one `InputError` naming the file.
+(`scalar` is further limited to plain numeric dtypes: numpy would otherwise hand back an
+arbitrary object for dtype('O').)
 A pickle re-saved by Python 3 + numpy 2 at protocol 2 references `_codecs.encode` and
 `numpy._core.multiarray.scalar` and is refused: we accept the official format only.
 
@@ -146,7 +148,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         obj = _ALLOWED_GLOBALS.get((module, name))
         if obj is None:
             raise InputError(self._path, f"pickle references forbidden global {module}.{name}")
+        if obj is _SCALAR:
+            return self._plain_scalar
         return obj
+
+    def _plain_scalar(self, dtype: Any, *args: Any) -> Any:
+        # Defence in depth: numpy's scalar() also builds object / structured scalars from raw
+        # bytes; FI only ever needs plain numbers (float64), so nothing else gets through.
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or dtype.fields is not None \
+                or dtype.subdtype is not None or dtype.hasobject:
+            raise InputError(self._path, f"pickle builds a numpy scalar of non-numeric dtype {dtype!r}")
+        return _SCALAR(dtype, *args)
 
     def persistent_load(self, pid: Any) -> Any:
         raise InputError(self._path, "pickle uses a persistent id, which is not allowed")

@@ -28,6 +28,7 @@ from scipy.signal import lfilter
 from psamf.config import Config
 from psamf.data.csd import ComputationalSequence, write_csd
 from psamf.data.layout import csd_name, write_transcripts
+from psamf.data.personality import FI_DIRNAME, write_synthetic_personality_corpus
 from psamf.io import atomic_dir, write_json
 
 TRAITS = ("extraversion", "neuroticism", "agreeableness", "conscientiousness", "openness")
@@ -167,12 +168,7 @@ def write_synthetic_corpus(cfg: Config, out: str | Path | None = None) -> dict[s
         write_transcripts(tmp / "transcripts.csv", transcript_rows)
         write_json(tmp / "standard_folds.json", folds)
         write_json(tmp / "speakers.json", speakers)
-        try:
-            from psamf.data.personality import write_synthetic_personality_corpus
-        except ImportError:  # pragma: no cover - during bring-up only
-            write_synthetic_personality_corpus = None
-        if write_synthetic_personality_corpus is not None:
-            write_synthetic_personality_corpus(tmp / "first-impressions-v2", sc.personality_clips, sc.seed)
+        write_synthetic_personality_corpus(tmp / FI_DIRNAME, sc.personality_clips, sc.seed)
     return {"corpus": "synthetic", "out": str(out), "speakers": len(vids),
             "segments": len(transcript_rows), "folds": {k: len(v) for k, v in folds.items()}}
 
