@@ -111,6 +111,42 @@ def data_validate(params: ParamsOpt = None, profile: ProfileOpt = None, set_: Se
         raise typer.Exit(1)
 
 
+@app.command("pretrain")
+@one_line_errors
+def pretrain_cmd(held_out: Annotated[str, typer.Option("--held-out", help="speaker left out of pretraining")],
+                 params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                 corpus: CorpusOpt = None) -> None:
+    """Pretrain MulT + User Adapter on every speaker except --held-out (resumable)."""
+    from psamf.personalized import pretrain
+
+    report = pretrain(config_from(params, profile, set_, corpus), held_out)
+    echo_json({k: v for k, v in report.items() if k != "history"})
+
+
+@app.command("finetune")
+@one_line_errors
+def finetune_cmd(user: Annotated[str, typer.Option("--user", help="the held-out speaker to personalize for")],
+                 params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                 corpus: CorpusOpt = None) -> None:
+    """baseline / FS-UA / FS-UA-KD over R seeded k-shot draws for one user."""
+    from psamf.personalized import finetune
+
+    report = finetune(config_from(params, profile, set_, corpus), user)
+    echo_json({"user": user, "summary": {v: {k: round(c["mean"], 4) for k, c in m.items()}
+                                         for v, m in report["summary"].items()}, "paired": report["paired"]})
+
+
+@app.command("loo")
+@one_line_errors
+def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None,
+            report_only: Annotated[bool, typer.Option("--report-only", help="only collect existing per-user reports")] = False) -> None:
+    """The leave-one-out experiment over the K users with the most segments: tables, CSV, chart."""
+    from psamf.personalized import loo, loo_report
+
+    cfg = config_from(params, profile, set_, corpus)
+    echo_json(loo_report(cfg) if report_only else loo(cfg))
+
+
 @app.command("demo")
 @one_line_errors
 def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:

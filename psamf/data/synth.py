@@ -28,10 +28,8 @@ from scipy.signal import lfilter
 from psamf.config import Config
 from psamf.data.csd import ComputationalSequence, write_csd
 from psamf.data.layout import csd_name, write_transcripts
-from psamf.data.personality import FI_DIRNAME, write_synthetic_personality_corpus
+from psamf.data.personality import FI_DIRNAME, TRAITS, write_synthetic_personality_corpus
 from psamf.io import atomic_dir, write_json
-
-TRAITS = ("extraversion", "neuroticism", "agreeableness", "conscientiousness", "openness")
 
 # Sentiment words by intensity bucket; a general-purpose text encoder already knows them.
 WORDS = {

