@@ -155,6 +155,10 @@ class PsamfConfig:
     dropout: float = 0.1
     max_len: int = 50
     ablation: str = "none"
+    align_dim: int | None = None
+    fusion_dim: int | None = None
+    symmetric_cl: bool = False
+    sim_weight: str = "affine"
 
 
 @dataclass
@@ -188,6 +192,7 @@ class TuneConfig:
 @dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlruns.db"
+    artifacts: str = "mlartifacts"
     experiment: str = "psamf"
 
 

@@ -37,6 +37,7 @@ from psamf.models.mult import MulT
 from psamf.models.user_adapter import UserVocab
 from psamf.stats import mean_ci, paired_diff
 from psamf.training import Batch, config_fingerprint, fit, predict, seed_everything
+from psamf import tracking
 
 log = logging.getLogger(__name__)
 VARIANTS = ("baseline", "fs_ua", "fs_ua_kd")
@@ -118,9 +119,13 @@ def pretrain(cfg: Config, held_out: str, on_epoch=None) -> dict[str, Any]:
     fp = config_fingerprint({"mult": asdict(cfg.mult), "ua": asdict(cfg.user_adapter), "pretrain": asdict(pc),
                              "seq_len": cfg.data.seq_len, "held_out": held_out, "text": source,
                              "n": len(train_idx)})
-    result = fit(model, opt, train, l1_loss, evaluate, epochs=pc.epochs, batch_size=pc.batch_size,
-                 patience=pc.patience, seed=pc.seed, ckpt_dir=out, fingerprint=fp, grad_clip=pc.grad_clip,
-                 on_epoch=on_epoch, desc=f"pretrain[{held_out}]")
+    with tracking.stage_run(cfg, "pretrain", f"pretrain[{held_out}]",
+                            {"loo_user": held_out, "av_simulated": ds.av_simulated, "text_features": source}):
+        log_epoch = tracking.epoch_logger()
+        result = fit(model, opt, train, l1_loss, evaluate, epochs=pc.epochs, batch_size=pc.batch_size,
+                     patience=pc.patience, seed=pc.seed, ckpt_dir=out, fingerprint=fp, grad_clip=pc.grad_clip,
+                     on_epoch=on_epoch or log_epoch, desc=f"pretrain[{held_out}]")
+        tracking.log_metrics({"best_valid_mae": result.best_score, "best_epoch": result.best_epoch})
     torch.save({"state_dict": model.state_dict(), "users": vocab.to_list(), "text_source": source,
                 "dims": {m: int(tensors[m].shape[-1]) for m in ("text", "audio", "visual")}},
                out / "model.tmp")
@@ -221,7 +226,14 @@ def finetune(cfg: Config, user: str, write: bool = True) -> dict[str, Any]:
               "k_shot": fc.k_shot, "draws": fc.draws, "stratified": fc.stratified, "kd_lambda": fc.kd_lambda,
               "n_segments": int(len(idx)), "summary": summary, "paired": paired, "per_draw": draws}
     if write:
-        write_json(Path(fc.out_dir) / cfg.data.corpus / f"{user}.json", report)
+        path = write_json(Path(fc.out_dir) / cfg.data.corpus / f"{user}.json", report)
+        with tracking.stage_run(cfg, "finetune", f"finetune[{user}]",
+                                {"loo_user": user, "av_simulated": ds.av_simulated, "text_features": source}):
+            for r, d in enumerate(draws):  # per draw, with step = draw index
+                tracking.log_metrics({f"{v}_{k}": d[v][k] for v in VARIANTS for k in ("mae", "non0_acc2")}, step=r)
+            tracking.log_metrics({f"{v}_{k}_mean": summary[v][k]["mean"] for v in VARIANTS for k in summary[v]})
+            tracking.log_metrics({f"{k}_mean": d["mean"] for k, d in paired.items()})
+            tracking.log_artifact(path, "loo")
     return report
 
 
@@ -239,12 +251,19 @@ def loo_users(cfg: Config) -> list[str]:
 def loo(cfg: Config, users: list[str] | None = None, on_user=None) -> dict[str, Any]:
     """Pretrain + finetune for every LOO user, then write the report."""
     users = users or loo_users(cfg)
-    for u in tqdm(users, desc="loo", unit="user"):
-        pre = pretrain(cfg, u)
-        fin = finetune(cfg, u)
-        if on_user:
-            on_user(u, pre, fin)
-    return loo_report(cfg, users)
+    with tracking.stage_run(cfg, "loo", "loo", {"loo_users": ",".join(users)}):
+        for u in tqdm(users, desc="loo", unit="user"):
+            with tracking.stage_run(cfg, "loo-user", f"user[{u}]", {"loo_user": u}, log_params=False):
+                pre = pretrain(cfg, u)
+                fin = finetune(cfg, u)
+            if on_user:
+                on_user(u, pre, fin)
+        summary = loo_report(cfg, users)
+        tracking.set_tags({"av_simulated": summary["av_simulated"]})
+        tracking.log_metrics({f"{v}_{m}": x for v, ms in summary["averages"].items() for m, x in ms.items()})
+        for f in summary["files"].values():
+            tracking.log_artifact(f, "loo_report")
+        return summary
 
 
 def loo_report(cfg: Config, users: list[str] | None = None) -> dict[str, Any]:

@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_tracking(tmp_path_factory):
+    """Every test (and its subprocesses) tracks into a throwaway store, never ./mlruns.db."""
+    root = tmp_path_factory.mktemp("mlflow")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlruns.db"
+    os.environ["PSAMF_ARTIFACT_ROOT"] = str(root / "artifacts")
+    yield root
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real-data dir; tests that need it skip with the reason when it is absent."""

@@ -62,6 +62,25 @@ def attention_mask(Tq: int, Tk: int, key_mask: torch.Tensor | None, causal: bool
     return allowed
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout with a cheaper mask on CPU; same semantics (keep w.p. 1-p, scale by 1/(1-p)).
+
+    Why: on CPU, F.dropout draws one Mersenne-Twister number per element (bernoulli_), and at
+    MulT's sizes that RNG cost more than all the matmuls of a layer. One 64-bit draw gives four
+    16-bit uniforms instead, so p is quantized to 1/65536 (0.1 -> 0.100006). Reproducible
+    under torch.manual_seed like F.dropout. Other devices use F.dropout (fused Philox there).
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
+    r = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+    keep = (r >= round(p * 65536) - 32768).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * keep
+
+
 class Attention(nn.Module):
     """Multi-head attention over F.scaled_dot_product_attention (fused kernels on CPU and GPU).
 
@@ -88,10 +107,17 @@ class Attention(nn.Module):
             k, v = F.linear(src, w[d:], b[d:]).split(d, dim=-1)
         h = self.n_heads
         q, k, v = (t.unflatten(-1, (h, d // h)).transpose(1, 2) for t in (q, k, v))  # [B,h,T,hd]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        if self.training and self.dropout > 0:
+            # SDPA would fall back to its unfused path for dropout anyway; spelled out here so
+            # the attention weights go through our cheaper dropout.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))
+            if is_causal:
+                mask = torch.ones(Tq, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = dropout(att.softmax(dim=-1), self.dropout, True) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -103,7 +129,7 @@ class MLP(nn.Module):
         self.relu_dropout = relu_dropout
 
     def forward(self, x):
-        return self.fc2(F.dropout(F.relu(self.fc1(x)), self.relu_dropout, self.training))
+        return self.fc2(dropout(F.relu(self.fc1(x)), self.relu_dropout, self.training))
 
 
 class Block(nn.Module):
@@ -121,8 +147,8 @@ class Block(nn.Module):
         h = self.ln_1(x)
         # MulT normalizes the source with the query's LayerNorm (one LN per layer, not two).
         kv = None if src is None else self.ln_1(src)
-        x = x + F.dropout(self.attn(h, kv, mask, is_causal), self.res_dropout, self.training)
-        x = x + F.dropout(self.mlp(self.ln_2(x)), self.res_dropout, self.training)
+        x = x + dropout(self.attn(h, kv, mask, is_causal), self.res_dropout, self.training)
+        x = x + dropout(self.mlp(self.ln_2(x)), self.res_dropout, self.training)
         return x
 
 
@@ -142,7 +168,7 @@ class TransformerEncoder(nn.Module):
     def embed(self, x):
         # sqrt(d) scale, then positions: the sequence keeps its magnitude next to the unit-scale PE.
         x = math.sqrt(self.d) * x + sinusoidal_positions(x.shape[1], self.d, x.device, x.dtype)
-        return F.dropout(x, self.embed_dropout, self.training)
+        return dropout(x, self.embed_dropout, self.training)
 
     def forward(self, x, src=None, x_mask=None, src_mask=None):
         """x [B,Tq,d]; src [B,Tk,d] or None; masks [B,T] bool, True = real step."""
@@ -227,7 +253,7 @@ class MulT(nn.Module):
             # padded values into real steps, and the padding mask could not stop that.
             x = x * mask.unsqueeze(-1).to(x.dtype)
         if m == "text":
-            x = F.dropout(x, self.cfg.embed_dropout, self.training)  # MulT drops text features only
+            x = dropout(x, self.cfg.embed_dropout, self.training)  # MulT drops text features only
         x = x.transpose(1, 2)  # [B,D,T] for Conv1d
         x = F.pad(x, (self.kernels[m] - 1, 0))  # causal: step t sees t-k+1..t, T unchanged
         return self.proj[m](x).transpose(1, 2)  # [B,T,d]
@@ -266,7 +292,7 @@ class MulT(nn.Module):
         """text [B,T,Dl], audio [B,T,Da], visual [B,T,Dv]; user_ids LongTensor[B]; masks [B,T] bool
         (True = real step). Returns the predicted sentiment [B]."""
         last_hs = self.features(text, audio, visual, user_ids, text_mask, audio_mask, visual_mask)
-        h = self.proj2(F.dropout(F.relu(self.proj1(last_hs)), self.cfg.out_dropout, self.training))
+        h = self.proj2(dropout(F.relu(self.proj1(last_hs)), self.cfg.out_dropout, self.training))
         return self.out_layer(h + last_hs).squeeze(-1)
 
 

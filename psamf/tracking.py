@@ -1,0 +1,154 @@
+"""MLflow tracking for every stage: one parent run per pipeline run, nested child runs below it.
+
+- The tracking URI is `$MLFLOW_TRACKING_URI` or `tracking.uri` (default `sqlite:///mlruns.db`,
+  artifacts next to it), so the embedded default needs no server and `mlflow ui
+  --backend-store-uri sqlite:///mlruns.db` shows everything.
+- A stage started inside an active run nests under it. A stage started as its own process
+  (DVC, KFP) nests under `$PSAMF_PARENT_RUN_ID` when the orchestrator sets it.
+- Each run records the flattened config as params and tags: corpus, profile, av_simulated,
+  git commit, data hash (from data.dvc) and stage.
+- `PSAMF_TRACKING=off` disables tracking (a no-op run), e.g. for quick local experiments.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+from psamf.config import Config
+
+log = logging.getLogger(__name__)
+PARENT_ENV = "PSAMF_PARENT_RUN_ID"
+
+
+def enabled() -> bool:
+    return os.environ.get("PSAMF_TRACKING", "on").lower() not in ("off", "0", "false")
+
+
+def tracking_uri(cfg: Config) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_hash(path: str | Path = "data.dvc") -> str:
+    """The md5 DVC recorded for data/raw, or 'untracked'."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        return "untracked"
+    try:
+        outs = (yaml.safe_load(p.read_text()) or {}).get("outs") or [{}]
+        return str(outs[0].get("md5", "untracked"))
+    except Exception:  # a damaged data.dvc must not stop training; the tag says so
+        return "unreadable"
+
+
+def _tag(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def base_tags(cfg: Config, stage: str) -> dict[str, str]:
+    return {"stage": stage, "corpus": cfg.data.corpus, "profile": cfg.profile, "git_commit": git_commit(),
+            "data_hash": data_hash()}
+
+
+def ensure_experiment(cfg: Config) -> str:
+    """Select the experiment, creating it with a local artifact root for a file/sqlite store
+    (otherwise MLflow would drop artifacts in ./mlruns of whatever the cwd is)."""
+    import mlflow
+
+    name = cfg.tracking.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        uri = tracking_uri(cfg)
+        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        root = os.environ.get("PSAMF_ARTIFACT_ROOT") or cfg.tracking.artifacts
+        try:
+            mlflow.create_experiment(name, artifact_location=Path(root).resolve().as_uri() if local else None)
+        except Exception:  # another process created it first
+            pass
+    return mlflow.set_experiment(name).experiment_id
+
+
+class _NullRun:
+    """Stands in for an MLflow run when tracking is off; every call is a no-op."""
+
+    info = type("info", (), {"run_id": None})()
+
+    def __getattr__(self, name):  # pragma: no cover - trivial
+        return lambda *a, **k: None
+
+
+@contextlib.contextmanager
+def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict[str, Any] | None = None,
+              log_params: bool = True) -> Iterator[Any]:
+    """Open a run for `stage`, nested under the active or the orchestrator's parent run."""
+    if not enabled():
+        yield _NullRun()
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    ensure_experiment(cfg)
+    active = mlflow.active_run()
+    kwargs: dict[str, Any] = {"run_name": run_name or stage}
+    if active is not None:
+        kwargs["nested"] = True
+    elif os.environ.get(PARENT_ENV):
+        kwargs["parent_run_id"] = os.environ[PARENT_ENV]
+    all_tags = {**base_tags(cfg, stage), **{k: _tag(v) for k, v in (tags or {}).items()}}
+    with mlflow.start_run(tags=all_tags, **kwargs) as run:
+        if log_params:
+            mlflow.log_params({k: ("null" if v is None else v) for k, v in cfg.flat().items()})
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    if not enabled():
+        return
+    import math
+
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if clean and mlflow.active_run() is not None:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    if not enabled():
+        return
+    import mlflow
+
+    if mlflow.active_run() is not None and Path(path).exists():
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    if not enabled():
+        return
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({k: _tag(v) for k, v in tags.items()})
+
+
+def epoch_logger(prefix: str = ""):
+    """An `on_epoch` callback for psamf.training.fit that logs each epoch's metrics with step."""
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        log_metrics({f"{prefix}{k}": v for k, v in metrics.items()}, step=epoch)
+
+    return on_epoch

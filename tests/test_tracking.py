@@ -1,0 +1,54 @@
+"""Tracking: nested runs, tags, params and per-epoch metrics land in the MLflow store."""
+from __future__ import annotations
+
+from psamf import tracking
+
+
+def test_stage_runs_nest_and_carry_tags_params_and_steps(smoke_cfg, monkeypatch, tmp_path):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
+    monkeypatch.setenv("PSAMF_ARTIFACT_ROOT", str(tmp_path / "art"))
+    report = tmp_path / "r.md"
+    report.write_text("# report\n")
+    with tracking.stage_run(smoke_cfg, "loo", tags={"av_simulated": True}) as parent:
+        with tracking.stage_run(smoke_cfg, "pretrain", "pretrain[u1]", {"loo_user": "u1"}) as child:
+            cb = tracking.epoch_logger()
+            for epoch, mae in enumerate([1.0, 0.8, 0.7]):
+                cb(epoch, {"valid_mae": mae, "bad": float("nan")})
+        tracking.log_artifact(report, "reports")
+    client = mlflow.MlflowClient()
+    c = client.get_run(child.info.run_id)
+    assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    for tag in ("corpus", "profile", "git_commit", "data_hash", "stage"):
+        assert tag in c.data.tags
+    assert c.data.tags["stage"] == "pretrain" and c.data.tags["loo_user"] == "u1"
+    assert c.data.params["mult.d_model"] == str(smoke_cfg.mult.d_model)
+    hist = client.get_metric_history(child.info.run_id, "valid_mae")
+    assert [(m.step, m.value) for m in hist] == [(0, 1.0), (1, 0.8), (2, 0.7)]
+    assert "bad" not in c.data.metrics  # NaN is dropped, not logged as a broken point
+    p = client.get_run(parent.info.run_id)
+    assert p.data.tags["av_simulated"] == "true"
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "reports")] == ["reports/r.md"]
+    assert (tmp_path / "art").exists()
+
+
+def test_parent_run_from_environment(smoke_cfg, monkeypatch, tmp_path):
+    """A stage run in its own process (DVC/KFP) nests under $PSAMF_PARENT_RUN_ID."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
+    with tracking.stage_run(smoke_cfg, "pipeline") as parent:
+        pid = parent.info.run_id
+    monkeypatch.setenv(tracking.PARENT_ENV, pid)
+    with tracking.stage_run(smoke_cfg, "ingest") as child:
+        pass
+    assert mlflow.MlflowClient().get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == pid
+
+
+def test_tracking_off_is_a_no_op(smoke_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("PSAMF_TRACKING", "off")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
+    with tracking.stage_run(smoke_cfg, "x"):
+        tracking.log_metrics({"a": 1.0})
+    assert not (tmp_path / "t.db").exists()
