@@ -167,6 +167,17 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
     typer.echo(f"demo done: {result.summary_path}")
 
 
+def _register_extensions() -> None:
+    """Stage groups that live in their own modules add their commands here."""
+    from psamf import cli_psamf, cli_registry
+
+    for module in (cli_psamf, cli_registry):
+        module.register(app)
+
+
+_register_extensions()
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

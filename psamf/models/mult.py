@@ -43,7 +43,7 @@ def sinusoidal_positions(T: int, d: int, device=None, dtype=torch.float32) -> to
 
 
 def attention_mask(Tq: int, Tk: int, key_mask: torch.Tensor | None, causal: bool, device) -> torch.Tensor | None:
-    """Boolean SDPA mask (True = may attend) of shape [B|1, 1, Tq, Tk], or None for "attend to all".
+    """Boolean mask (True = may attend) of shape [B|1, 1, Tq, Tk], or None for "attend to all".
 
     Causal as in MulT: query i sees keys j <= i + |Tk - Tq|. A query row that would see no key
     at all (a padded query before the first real key) is opened up to all keys instead:
@@ -60,6 +60,13 @@ def attention_mask(Tq: int, Tk: int, key_mask: torch.Tensor | None, causal: bool
         allowed = allowed & key_mask[:, None, None, :]
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     return allowed
+
+
+def attention_bias(allowed: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """Boolean mask -> additive mask (0 where allowed, -inf elsewhere), built once per encoder."""
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -97,7 +104,9 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(d, 3 * d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x, src=None, mask=None, is_causal=False):
+    def forward(self, x, src=None, bias=None, is_causal=False):
+        """bias: additive mask [B|1, 1, Tq, Tk] or None; is_causal: bias is the plain causal mask,
+        so SDPA may use its causal kernel instead of reading it."""
         B, Tq, d = x.shape
         if src is None:
             q, k, v = self.in_proj(x).split(d, dim=-1)
@@ -108,16 +117,17 @@ class Attention(nn.Module):
         h = self.n_heads
         q, k, v = (t.unflatten(-1, (h, d // h)).transpose(1, 2) for t in (q, k, v))  # [B,h,T,hd]
         if self.training and self.dropout > 0:
-            # SDPA would fall back to its unfused path for dropout anyway; spelled out here so
-            # the attention weights go through our cheaper dropout.
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // h))
-            if is_causal:
-                mask = torch.ones(Tq, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
+            # SDPA falls back to its unfused path for dropout anyway; spelled out here so the
+            # attention weights go through our cheaper dropout. Scaling q (T*hd values) is cheaper
+            # than scaling the scores (T*T), and an added bias has a free backward.
+            att = (q * (1.0 / math.sqrt(d // h))) @ k.transpose(-2, -1)
+            if bias is not None:
+                att = att + bias
             y = dropout(att.softmax(dim=-1), self.dropout, True) @ v
+        elif is_causal:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -143,11 +153,11 @@ class Block(nn.Module):
         self.mlp = MLP(d, relu_dropout)
         self.res_dropout = res_dropout
 
-    def forward(self, x, src=None, mask=None, is_causal=False):
+    def forward(self, x, src=None, bias=None, is_causal=False):
         h = self.ln_1(x)
         # MulT normalizes the source with the query's LayerNorm (one LN per layer, not two).
         kv = None if src is None else self.ln_1(src)
-        x = x + dropout(self.attn(h, kv, mask, is_causal), self.res_dropout, self.training)
+        x = x + dropout(self.attn(h, kv, bias, is_causal), self.res_dropout, self.training)
         x = x + dropout(self.mlp(self.ln_2(x)), self.res_dropout, self.training)
         return x
 
@@ -177,12 +187,11 @@ class TransformerEncoder(nn.Module):
             src = self.embed(src)
         key_mask = x_mask if src is None else src_mask
         Tq, Tk = x.shape[1], (x if src is None else src).shape[1]
-        if key_mask is None and self.causal and Tq == Tk:
-            mask, is_causal = None, True  # lets SDPA pick its causal kernel, no mask tensor
-        else:
-            mask, is_causal = attention_mask(Tq, Tk, key_mask, self.causal, x.device), False
+        # One mask for all layers; SDPA's own causal kernel when the mask is purely causal.
+        is_causal = key_mask is None and self.causal and Tq == Tk
+        bias = attention_bias(attention_mask(Tq, Tk, key_mask, self.causal, x.device), x.dtype)
         for layer in self.layers:
-            x = layer(x, src, mask, is_causal)
+            x = layer(x, src, bias, is_causal)
         return self.ln_f(x)
 
 
