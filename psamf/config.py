@@ -82,7 +82,10 @@ class PersonalityConfig:
     epochs: int = 3
     batch_size: int = 32
     lr: float = 3e-5
+    lr_head: float = 1e-3
     split_seed: int = 0
+    max_train_clips: int | None = None
+    keep_checkpoints: bool = False
     out_dir: str = "models/personality"
 
 
@@ -135,7 +138,8 @@ class FinetuneConfig:
     k_shot: int = 5
     draws: int = 5
     stratified: bool = False
-    epochs: int = 20
+    epochs: int = 5
+    dropout: bool = False
     lr_base: float = 1e-4
     lr_adapter: float = 1e-3
     kd_lambda: float = 0.6
@@ -171,6 +175,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     seed: int = 0
+    keep_checkpoints: bool = False
     out_dir: str = "models/psamf"
 
 
