@@ -150,21 +150,28 @@ def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
 @app.command("demo")
 @one_line_errors
 def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """The main job on the embedded default: build the corpus, ingest, validate."""
+    """The main job on the embedded default: corpus -> ingest -> validate -> Personalized MulT LOO."""
     from psamf.data.ingest import ingest
     from psamf.data.synth import write_synthetic_corpus
+    from psamf.personalized import loo
     from psamf.validation import validate
+    from psamf import tracking
 
     cfg = config_from(params, profile, set_)
-    if cfg.data.corpus == "synthetic":
-        write_synthetic_corpus(cfg)
-    ingest(cfg)
-    result = validate(cfg)
-    for failure in result.failures:
-        typer.echo(f"psamf: validation failed: {failure}", err=True)
-    if not result.success:
-        raise typer.Exit(1)
-    typer.echo(f"demo done: {result.summary_path}")
+    with tracking.stage_run(cfg, "pipeline", f"demo[{cfg.data.corpus}/{cfg.profile}]"):
+        if cfg.data.corpus == "synthetic":
+            write_synthetic_corpus(cfg)
+        ingest(cfg)
+        result = validate(cfg)
+        for failure in result.failures:
+            typer.echo(f"psamf: validation failed: {failure}", err=True)
+        if not result.success:
+            raise typer.Exit(1)
+        summary = loo(cfg)
+    typer.echo(f"validation: {result.summary_path}")
+    typer.echo(f"LOO report: {summary['files']['markdown']}")
+    for v, m in summary["averages"].items():
+        typer.echo(f"  {v:9s} MAE {m['MAE']:.3f}  Non0-Acc2 {m['Acc2']:.3f}")
 
 
 def _register_extensions() -> None:

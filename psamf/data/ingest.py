@@ -149,9 +149,17 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
 
 def ingest(cfg: Config) -> dict[str, Any]:
     """Build and atomically write <prepared_dir>/<corpus>/; returns a JSON-able report."""
+    from psamf import tracking
+
     src = corpus_sources(cfg)
-    ds, manifest = build_prepared(cfg, src)
-    out = save_prepared(ds, cfg.data.prepared_path)
+    with tracking.stage_run(cfg, "ingest"):
+        ds, manifest = build_prepared(cfg, src)
+        out = save_prepared(ds, cfg.data.prepared_path)
+        tracking.set_tags({"av_simulated": manifest["av_simulated"]})
+        tracking.log_metrics({"n_labelled": manifest["n_labelled"], "n_prepared": manifest["n_prepared"],
+                              "n_excluded": len(manifest["excluded"]),
+                              **{f"nonfinite_{m}": manifest["nonfinite"][m] for m in MODALITIES}})
+        tracking.log_artifact(out / "manifest.json", "ingest")
     for e in manifest["excluded"]:
         log.warning("excluded %s: %s", e["segment_id"], e["reason"])
     return {k: manifest[k] for k in ("corpus", "av_simulated", "n_labelled", "labelled_splits", "n_prepared", "splits",

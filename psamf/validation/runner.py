@@ -56,8 +56,17 @@ def default_out_dir(cfg: Config) -> Path:
 
 def validate(cfg: Config, out_dir: str | Path | None = None) -> ValidationResult:
     """Validate `<prepared_dir>/<corpus>`; InputError if it is missing or unreadable."""
+    from psamf import tracking
+
     ds = load_prepared(cfg.data.prepared_path)
-    return validate_dataset(ds, cfg, out_dir if out_dir is not None else default_out_dir(cfg))
+    with tracking.stage_run(cfg, "validate", tags={"av_simulated": ds.av_simulated}):
+        result = validate_dataset(ds, cfg, out_dir if out_dir is not None else default_out_dir(cfg))
+        tracking.log_metrics({"validation_success": float(result.success), "validation_failures": len(result.failures)})
+        tracking.set_tags({"validation": "passed" if result.success else "failed"})
+        tracking.log_artifact(result.summary_path, "validation")
+        if result.data_docs_index is not None:
+            tracking.log_artifact(result.data_docs_index.parent, "validation/data_docs")
+    return result
 
 
 def validate_dataset(ds: PreparedDataset, cfg: Config, out_dir: str | Path, *,
