@@ -21,7 +21,8 @@ def machine() -> dict[str, Any]:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def peak_rss_mib() -> float:

@@ -2,11 +2,13 @@
 on the demo synthetic corpus. Target: mosi in 30 s or less on 2 cores.
 
     python -m bench.data                 # both corpora -> bench/results/data.json
+Tracking is off here (PSAMF_TRACKING=off is set by main): this measures the data work itself.
 Each corpus runs in its own process so its peak RSS is its own.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -42,6 +44,7 @@ def measure(corpus: str, workdir: str) -> dict:
 
 
 def main() -> None:
+    os.environ["PSAMF_TRACKING"] = "off"
     runs = {c: run_isolated("bench.data", "--one", c) for c in ("mosi", "synthetic")}
     mosi = runs["mosi"]["ingest_validate_s"]
     path = save("data", {"runs": runs, "target": {"mosi_ingest_validate_s": TARGET_MOSI_S},
