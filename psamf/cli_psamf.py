@@ -1,8 +1,53 @@
-"""CLI commands for the psamf stages; `register(app)` adds them to the `psamf` Typer app."""
-from __future__ import annotations
+"""CLI commands for the PSA-MF stages; `register(app)` adds them to the `psamf` Typer app.
+
+    psamf personality train     fine-tune the Big Five encoder (psamf.personality_model)
+    psamf train [--ablation X]  PSA-MF on the prepared dataset (psamf.psamf_train)
+    psamf train --text-baseline the text-only baseline on the same encoder and folds
+"""
+# No `from __future__ import annotations`: Typer evaluates the annotations, and the option
+# types are imported inside register(), so they must be resolved when each command is defined.
+from typing import Annotated, Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app` (called once by psamf.cli)."""
+    # Imported here, not at module level: psamf.cli imports this module while it is being built.
+    from psamf.cli import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
+
+    personality_app = typer.Typer(help="The personality (Big Five) encoder PSA-MF aligns with.",
+                                  no_args_is_help=True)
+    app.add_typer(personality_app, name="personality")
+
+    @personality_app.command("train")
+    @one_line_errors
+    def personality_train(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                          corpus: CorpusOpt = None) -> None:
+        """Fine-tune personality.encoder on First Impressions v2 (speaker-disjoint split); writes an HF dir."""
+        from psamf.personality_model import train_personality
+
+        report = train_personality(config_from(params, profile, set_, corpus))
+        echo_json({k: v for k, v in report.items() if k != "history"})
+
+    @app.command("train")
+    @one_line_errors
+    def train_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                  corpus: CorpusOpt = None,
+                  ablation: Annotated[Optional[str], typer.Option(
+                      "--ablation", help="none | no_personality | no_prefusion | no_enhanced_fusion | no_ps | no_clm "
+                                         "(same as --set psamf.ablation=...)")] = None,
+                  text_baseline: Annotated[bool, typer.Option(
+                      "--text-baseline", help="train the text-only baseline (encoder + linear head) instead")] = False,
+                  ) -> None:
+        """Train PSA-MF (resumable); test metrics in every convention; writes model.pt + metrics.json."""
+        from psamf.psamf_train import train_psamf, train_text_baseline
+
+        sets = list(set_ or [])
+        if ablation is not None:
+            sets.append(f"psamf.ablation={ablation}")
+        cfg = config_from(params, profile, sets, corpus)
+        report = train_text_baseline(cfg) if text_baseline else train_psamf(cfg)
+        echo_json({k: v for k, v in report.items() if k not in ("history", "metric_conventions")})
+
+    # `psamf tune` (psamf/tune.py) registers here, next to `train`.

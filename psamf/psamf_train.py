@@ -1,0 +1,479 @@
+"""`psamf train`: PSA-MF on the prepared dataset, plus the text-only baseline.
+
+    train_psamf(cfg, trial=None, out_dir=None)   PSA-MF (cfg.psamf, incl. its ablation)
+    train_text_baseline(cfg, out_dir=None)       the same text encoder + Linear(1) on CLS, L1
+
+Both use the standard folds of the prepared dataset: fit on split=train, early-stop and pick
+the epoch on valid MAE, report valid (at the best epoch) and test in every metric convention
+(psamf.metrics.CONVENTIONS). Both train through psamf.training.fit.
+
+Inputs per segment: the transcript tokenized with the text encoder's tokenizer
+(`psamf.max_len`; each batch is trimmed to its longest row, which changes nothing but speed);
+when the personality encoder's tokenizer gives different ids, also with its own
+(`personality_*` keys); the prepared audio/visual arrays and masks.
+
+Outputs, in `out_dir` (default `<train.out_dir>/<corpus>` for the full model,
+`<train.out_dir>/<corpus>/<ablation>` for an ablation, `<train.out_dir>/<corpus>/text_baseline`):
+
+    model.pt        state_dict + everything to rebuild the model without the original encoder
+                    directories (PsamfConfig, the encoders' HF configs, dims, max_len); `load_model`
+    tokenizer/      the text tokenizer (and personality_tokenizer/ when it differs)
+    metrics.json    the report `train_psamf` returns
+    ckpt/           fit's last.pt / best.pt while training; a rerun after `kill -9` resumes from
+                    it exactly (same fingerprint); removed after success unless train.keep_checkpoints
+
+The resume fingerprint covers every setting that changes the numbers (psamf.*, train.* except
+epochs/out_dir, the device, the data manifest and the encoder directories' files), but not
+`train.epochs`: a finished 2-epoch run's checkpoint continues to epoch 5 exactly as an
+uninterrupted 5-epoch run would have.
+
+Optuna: with `trial`, every epoch reports valid MAE (`trial.report(valid_mae, epoch)`); when
+`trial.should_prune()` the run stops after that epoch's checkpoint is written, metrics.json
+records `pruned: true`, and `optuna.TrialPruned` is raised.
+
+Device: `train.device` auto | cpu | cuda; bf16 autocast on CUDA when `train.amp` (the model
+computes its losses in fp32). On CPU, runs are deterministic for a seed (`train.seed`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from psamf import tracking
+from psamf.config import Config, PsamfConfig
+from psamf.data.prepared import PreparedDataset, load_prepared
+from psamf.errors import InputError
+from psamf.io import atomic_dir, atomic_path, write_json
+from psamf.metrics import CONVENTIONS, regression_metrics
+from psamf.training import Batch, config_fingerprint, fit, predict, seed_everything
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "psamf-model/1"
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+PERSONALITY_PREFIX = "personality_"
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available else cpu; cuda without a GPU is bad input."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("train.device", "cuda requested but no CUDA device is available")
+        return torch.device("cuda")
+    raise InputError("train.device", f"unknown device {name!r} (auto | cpu | cuda)")
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when amp; a no-op context otherwise."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Right-padded ids/mask (/token types) for all texts at once, padded to the longest (<= max_len)."""
+    enc = tokenizer([str(t) for t in texts], padding="longest", truncation=True, max_length=max_len,
+                    return_tensors="pt")
+    return {f"{prefix}{k}": enc[k].long() for k in TEXT_KEYS if k in enc}
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """Drop token columns that are padding in every row of the batch (for both token groups)."""
+    out = dict(batch)
+    for prefix in ("", PERSONALITY_PREFIX):
+        am = batch.get(f"{prefix}attention_mask")
+        if am is None:
+            continue
+        used = am.bool().any(0).nonzero()
+        n = int(used[-1]) + 1 if len(used) else 1
+        if n < am.shape[1]:
+            for k in TEXT_KEYS:
+                if f"{prefix}{k}" in out:
+                    out[f"{prefix}{k}"] = out[f"{prefix}{k}"][:, :n]
+    return out
+
+
+class BatchProgress:
+    """A per-epoch batch bar driven from inside a loss function (fit shows only an epoch bar)."""
+
+    def __init__(self, n: int, batch_size: int, desc: str):
+        self.total = max(1, math.ceil(n / batch_size))
+        self.desc = desc
+        self.bar = None
+
+    def step(self) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="batch", leave=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def dir_identity(name_or_path: str) -> Any:
+    """A cheap identity of a local model dir (file names, sizes, mtimes); the name for anything else."""
+    p = Path(name_or_path)
+    if not p.is_dir():
+        return str(name_or_path)
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.iterdir()) if f.is_file()]
+
+
+# ---------------------------------------------------------------------------- inputs
+
+def default_out_dir(cfg: Config, kind: str = "psamf") -> Path:
+    base = Path(cfg.train.out_dir) / cfg.data.corpus
+    if kind == "text_baseline":
+        return base / "text_baseline"
+    return base if cfg.psamf.ablation == "none" else base / cfg.psamf.ablation
+
+
+def check_psamf_config(cfg: Config) -> None:
+    from psamf.models.psamf import ABLATIONS
+
+    if cfg.psamf.ablation not in ABLATIONS:
+        raise InputError("psamf.ablation",
+                         f"unknown ablation {cfg.psamf.ablation!r} (choose from {', '.join(ABLATIONS)})")
+    if cfg.psamf.tau <= 0:
+        raise InputError("psamf.tau", f"must be > 0, got {cfg.psamf.tau}")
+    if cfg.psamf.max_len < 2:
+        raise InputError("psamf.max_len", f"must be >= 2, got {cfg.psamf.max_len}")
+
+
+def check_personality_encoder(cfg: Config) -> None:
+    """Fail early, naming the path, when the personality encoder is a local path that is not there."""
+    from psamf.models.encoders import resolve_encoder
+
+    if cfg.psamf.ablation == "no_personality":
+        return
+    name = cfg.psamf.personality_encoder
+    if resolve_encoder(name) != name:  # an alias
+        return
+    p = Path(name).expanduser()
+    hint = "run `psamf personality train` first, or set psamf.personality_encoder to a HF id or model directory"
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise InputError(p, f"not a HF model directory (no config.json); {hint}")
+        return
+    first = Path(name).parts[0] if Path(name).parts else ""
+    looks_local = (p.is_absolute() or name.startswith((".", "~")) or p == Path(cfg.personality.out_dir)
+                   or (len(Path(name).parts) > 2) or (first and Path(first).is_dir()))
+    if looks_local:
+        raise InputError(p, f"personality encoder not found; {hint}")
+
+
+def load_split_data(cfg: Config) -> PreparedDataset:
+    ds = load_prepared(cfg.data.prepared_path)
+    for split in ("train", "valid", "test"):
+        if not (ds.segments["split"] == split).any():
+            raise InputError(cfg.data.prepared_path / "segments.parquet", f"no {split} segments")
+    return ds
+
+
+def segment_tensors(cfg: Config, ds: PreparedDataset, personality: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Token ids (+ personality ids when its tokenizer differs), AV arrays + masks, labels."""
+    from psamf.models.encoders import load_tokenizer
+
+    texts = ds.segments["text"].fillna("").tolist()
+    tok = load_tokenizer(cfg.psamf.encoder)
+    t = tokenize(tok, texts, cfg.psamf.max_len)
+    info = {"tokenizer": tok, "personality_tokenizer": None}
+    if personality:
+        ptok = load_tokenizer(cfg.psamf.personality_encoder)
+        pt = tokenize(ptok, texts, cfg.psamf.max_len)
+        same = all(k in pt and t[k].shape == pt[k].shape and torch.equal(t[k], pt[k])
+                   for k in ("input_ids", "attention_mask"))
+        if not same:
+            t.update({PERSONALITY_PREFIX + k: v for k, v in pt.items()})
+            info["personality_tokenizer"] = ptok
+    a = ds.arrays
+    t.update({
+        "audio": torch.from_numpy(np.ascontiguousarray(a["audio"], dtype=np.float32)),
+        "visual": torch.from_numpy(np.ascontiguousarray(a["visual"], dtype=np.float32)),
+        "audio_mask": torch.from_numpy(a["audio_mask"].astype(bool)),
+        "visual_mask": torch.from_numpy(a["visual_mask"].astype(bool)),
+        "label": torch.from_numpy(ds.segments["label"].to_numpy(np.float32)),
+    })
+    return t, info
+
+
+def take(tensors: dict[str, torch.Tensor], mask: np.ndarray) -> dict[str, torch.Tensor]:
+    idx = torch.from_numpy(np.flatnonzero(mask))
+    return {k: v[idx] for k, v in tensors.items()}
+
+
+# ---------------------------------------------------------------------------- models
+
+class TextRegressor(nn.Module):
+    """The text-only baseline: the encoder's last-layer CLS -> dropout -> Linear(1)."""
+
+    def __init__(self, encoder: nn.Module, dropout: float = 0.1):
+        super().__init__()
+        from psamf.models.encoders import base_model
+
+        self.encoder = base_model(encoder)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(self.encoder.config.hidden_size, 1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        h = self.encoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         token_type_ids=batch.get("token_type_ids")).last_hidden_state[:, 0]
+        return self.head(self.drop(h)).squeeze(-1)
+
+    def param_groups(self, lr: float, lr_head: float) -> list[dict]:
+        enc = {id(p) for p in self.encoder.parameters()}
+        ps = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in ps if id(p) in enc], "lr": lr},
+                {"params": [p for p in ps if id(p) not in enc], "lr": lr_head}]
+
+
+def _encoder_from_config(conf: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    d = dict(conf)
+    return AutoModel.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+
+
+def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved PSA-MF or text baseline from `<model_dir>/model.pt` (no encoder download).
+
+    Returns (model in eval mode, the saved metadata without the state_dict). The tokenizers are
+    in `<model_dir>/tokenizer` (and `personality_tokenizer` when the personality one differs).
+    """
+    from psamf.models.psamf import PSAMF
+
+    path = Path(model_dir) / "model.pt"
+    if not path.is_file():
+        raise InputError(path, "missing; run `psamf train` first")
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if state.get("format") != MODEL_FORMAT:
+        raise InputError(path, f"not a psamf model file (format {state.get('format')!r})")
+    confs = state["encoder_configs"]
+    if state["kind"] == "psamf":
+        known = {f.name for f in fields(PsamfConfig)}
+        pcfg = PsamfConfig(**{k: v for k, v in state["psamf_config"].items() if k in known})
+        pers = _encoder_from_config(confs["personality"]) if confs.get("personality") else None
+        model: nn.Module = PSAMF(_encoder_from_config(confs["text"]), pers, pcfg,
+                                 audio_dim=state["audio_dim"], visual_dim=state["visual_dim"])
+    else:
+        model = TextRegressor(_encoder_from_config(confs["text"]), state.get("dropout", 0.1))
+    model.load_state_dict(state["state_dict"])
+    meta = {k: v for k, v in state.items() if k != "state_dict"}
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------------------- the shared run
+
+def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torch.Tensor],
+         model: nn.Module, loss_parts: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]],
+         forward: Callable[[nn.Module, Batch], torch.Tensor], device: torch.device, amp: bool,
+         out_dir: Path, fingerprint: dict, save_extra: dict, tokenizers: dict, trial=None,
+         run_name: str, tags: dict) -> dict[str, Any]:
+    tc = cfg.train
+    split = ds.segments["split"].to_numpy()
+    data = {s: take(tensors, split == s) for s in ("train", "valid", "test")}
+    ckpt = out_dir / "ckpt"
+    progress = BatchProgress(len(data["train"]["label"]), tc.batch_size, run_name)
+    parts_sum: dict[str, float] = {}
+    parts_n = [0]
+
+    def loss_fn(m: nn.Module, b: Batch) -> torch.Tensor:
+        progress.step()
+        b = to_device(trim_padding(b), device)
+        with autocast(device, amp):
+            total, parts = loss_parts(m, b)
+        n = len(b["label"])
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v * n
+        parts_n[0] += n
+        return total
+
+    def pred_fn(m: nn.Module, b: Batch) -> torch.Tensor:
+        b = to_device(trim_padding({k: v for k, v in b.items() if k != "label"}), device)
+        with autocast(device, amp):
+            return forward(m, b).float()
+
+    def scores(m: nn.Module, s: str) -> dict[str, float]:
+        p = predict(m, data[s], pred_fn, batch_size=max(64, tc.batch_size))
+        return regression_metrics(p, data[s]["label"].numpy())
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        progress.close()
+        train_parts = {f"train_{k}": v / max(parts_n[0], 1) for k, v in parts_sum.items()}
+        parts_sum.clear()
+        parts_n[0] = 0
+        return {**{f"valid_{k}": v for k, v in scores(m, "valid").items()}, **train_parts}
+
+    pruned = {"epoch": None}
+
+    def should_stop(epoch: int, metrics: dict[str, float]) -> bool:
+        if trial is None:
+            return False
+        trial.report(float(metrics["valid_mae"]), epoch)
+        if trial.should_prune():
+            pruned["epoch"] = epoch
+            return True
+        return False
+
+    fp = config_fingerprint(fingerprint)
+    opt = torch.optim.AdamW(model.param_groups(tc.lr, tc.lr_head))
+    if trial is not None:
+        tags = {**tags, "trial": getattr(trial, "number", "")}
+    with tracking.stage_run(cfg, "train", run_name=run_name, tags=tags):
+        result = fit(model, opt, data["train"], loss_fn, evaluate, epochs=tc.epochs, batch_size=tc.batch_size,
+                     patience=tc.patience, seed=tc.seed, ckpt_dir=ckpt, fingerprint=fp, monitor="valid_mae",
+                     on_epoch=tracking.epoch_logger(), desc=run_name, should_stop=should_stop)
+        progress.close()
+        report: dict[str, Any] = {
+            "model": kind, "corpus": cfg.data.corpus, "av_simulated": ds.av_simulated,
+            "ablation": cfg.psamf.ablation if kind == "psamf" else None,
+            "text_encoder": cfg.psamf.encoder, "profile": cfg.profile,
+            "n_train": len(data["train"]["label"]), "n_valid": len(data["valid"]["label"]),
+            "n_test": len(data["test"]["label"]), "epochs": tc.epochs, "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
+            "history": result.history, "device": device.type, "amp": amp, "fingerprint": fp,
+            "out_dir": str(out_dir), "model_dir": str(out_dir), "pruned": pruned["epoch"] is not None,
+            "metric_conventions": CONVENTIONS,
+        }
+        if kind == "psamf":
+            report["personality_encoder"] = (None if cfg.psamf.ablation == "no_personality"
+                                             else cfg.psamf.personality_encoder)
+        if pruned["epoch"] is not None:
+            report.update(pruned_epoch=pruned["epoch"], valid={"mae": result.best_score}, test={})
+            write_json(out_dir / "metrics.json", report)
+            tracking.set_tags({"pruned": True})
+        else:
+            report["valid"] = scores(model, "valid")
+            report["test"] = scores(model, "test")
+            _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
+                        av_simulated=ds.av_simulated)
+            write_json(out_dir / "metrics.json", report)
+            tracking.log_metrics({**{f"best_valid_{k}": v for k, v in report["valid"].items()},
+                                  **{f"test_{k}": v for k, v in report["test"].items()},
+                                  "best_epoch": result.best_epoch})
+            tracking.log_artifact(out_dir / "metrics.json", "train")
+    if not tc.keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if pruned["epoch"] is not None:
+        import optuna
+
+        raise optuna.TrialPruned(f"pruned after epoch {pruned['epoch']} "
+                                 f"(valid MAE {result.history[-1]['valid_mae']:.4f})")
+    return report
+
+
+def _save_model(out_dir: Path, model: nn.Module, *, kind: str, cfg: Config, extra: dict, tokenizers: dict,
+                fingerprint: str, av_simulated: bool) -> None:
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {"format": MODEL_FORMAT, "kind": kind, "state_dict": weights,
+             "psamf_config": asdict(cfg.psamf), "max_len": cfg.psamf.max_len, "tokenizer": cfg.psamf.encoder,
+             "corpus": cfg.data.corpus, "av_simulated": av_simulated, "fingerprint": fingerprint, **extra}
+    for name, tok in tokenizers.items():
+        if tok is not None:
+            with atomic_dir(out_dir / name) as tmp:
+                tok.save_pretrained(tmp)
+    with atomic_path(out_dir / "model.pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _base_fingerprint(cfg: Config, ds: PreparedDataset, device: torch.device, amp: bool) -> dict:
+    skip = ("epochs", "out_dir", "keep_checkpoints", "device", "amp")
+    return {"train": {k: v for k, v in asdict(cfg.train).items() if k not in skip}, "device": device.type,
+            "amp": amp, "data": config_fingerprint(ds.manifest), "n": len(ds),
+            "text_encoder": dir_identity(cfg.psamf.encoder)}
+
+
+# ---------------------------------------------------------------------------- stages
+
+def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train PSA-MF (with cfg.psamf.ablation); see the module docstring. Returns the report:
+    valid (best epoch) and test metrics in every convention, best_epoch, history, corpus,
+    av_simulated, ablation, out_dir, model_dir (and more)."""
+    from psamf.models.psamf import PSAMF
+
+    check_psamf_config(cfg)
+    ds = load_split_data(cfg)
+    check_personality_encoder(cfg)
+    ablation = cfg.psamf.ablation
+    personality = ablation != "no_personality"
+    device = resolve_device(cfg.train.device)
+    amp = bool(cfg.train.amp) and device.type == "cuda"
+    out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    tensors, tok_info = segment_tensors(cfg, ds, personality)
+    audio_dim, visual_dim = int(tensors["audio"].shape[-1]), int(tensors["visual"].shape[-1])
+
+    seed_everything(cfg.train.seed)
+    try:
+        model = PSAMF.from_config(cfg, audio_dim, visual_dim)
+    except ValueError as e:
+        raise InputError("psamf", str(e).splitlines()[0]) from None
+    model.to(device)
+
+    def loss_parts(m: nn.Module, b: Batch):
+        o = m(b)
+        return o.total, o.losses()
+
+    def forward(m: nn.Module, b: Batch) -> torch.Tensor:
+        return m(b).pred
+
+    fingerprint = {"kind": "psamf", "psamf": asdict(cfg.psamf), **_base_fingerprint(cfg, ds, device, amp),
+                   "personality_encoder": dir_identity(cfg.psamf.personality_encoder) if personality else None}
+    pers = model.personality_encoder
+    extra = {"audio_dim": audio_dim, "visual_dim": visual_dim,
+             "personality_tokenizer": (cfg.psamf.personality_encoder if tok_info["personality_tokenizer"] else None),
+             "encoder_configs": {"text": model.text.config.to_dict(),
+                                 "personality": pers.config.to_dict() if pers is not None else None}}
+    tokenizers = {"tokenizer": tok_info["tokenizer"], "personality_tokenizer": tok_info["personality_tokenizer"]}
+    return _run(cfg, kind="psamf", ds=ds, tensors=tensors, model=model, loss_parts=loss_parts, forward=forward,
+                device=device, amp=amp, out_dir=out, fingerprint=fingerprint, save_extra=extra,
+                tokenizers=tokenizers, trial=trial, run_name=f"train[{ablation}]",
+                tags={"ablation": ablation, "av_simulated": ds.av_simulated, "model": "psamf"})
+
+
+def train_text_baseline(cfg: Config, *, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """The text-only baseline on the same encoder, data, loop and metrics (L1 loss)."""
+    from psamf.models.encoders import load_encoder
+
+    check_psamf_config(cfg)
+    ds = load_split_data(cfg)
+    device = resolve_device(cfg.train.device)
+    amp = bool(cfg.train.amp) and device.type == "cuda"
+    out = Path(out_dir) if out_dir is not None else default_out_dir(cfg, "text_baseline")
+    tensors, tok_info = segment_tensors(cfg, ds, personality=False)
+    seed_everything(cfg.train.seed)
+    model = TextRegressor(load_encoder(cfg.psamf.encoder), cfg.psamf.dropout).to(device)
+
+    def loss_parts(m: nn.Module, b: Batch):
+        l1 = nn.functional.l1_loss(m(b).float(), b["label"].float())
+        return l1, {"l1": float(l1.detach())}
+
+    fingerprint = {"kind": "text_baseline", "encoder": cfg.psamf.encoder, "max_len": cfg.psamf.max_len,
+                   "dropout": cfg.psamf.dropout, **_base_fingerprint(cfg, ds, device, amp)}
+    extra = {"dropout": cfg.psamf.dropout, "encoder_configs": {"text": model.encoder.config.to_dict()}}
+    return _run(cfg, kind="text_baseline", ds=ds, tensors=tensors, model=model, loss_parts=loss_parts,
+                forward=lambda m, b: m(b), device=device, amp=amp, out_dir=out, fingerprint=fingerprint,
+                save_extra=extra, tokenizers={"tokenizer": tok_info["tokenizer"]}, trial=None,
+                run_name="train[text_baseline]", tags={"av_simulated": ds.av_simulated, "model": "text_baseline"})

