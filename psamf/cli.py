@@ -111,40 +111,76 @@ def data_validate(params: ParamsOpt = None, profile: ProfileOpt = None, set_: Se
         raise typer.Exit(1)
 
 
+HeldOutOpt = Annotated[Optional[str], typer.Option("--held-out", "--user", help="the LOO speaker id")]
+RankOpt = Annotated[Optional[int], typer.Option("--rank", help="the LOO user by rank (0 = most segments); "
+                                                               "for DVC/KFP fan-out over static slots")]
+
+
+def _loo_user(cfg: Config, user: str | None, rank: int | None) -> str | None:
+    if (user is None) == (rank is None):
+        raise InputError("--held-out/--rank", "give exactly one of a speaker id or a rank")
+    if user is not None:
+        return user
+    from psamf.personalized import user_at_rank
+
+    return user_at_rank(cfg, rank)
+
+
+def _skip_slot(out: Path, rank: int | None, cfg: Config) -> None:
+    """A rank slot beyond data.loo_users: leave a marker so DVC/KFP see a finished stage."""
+    from psamf.io import write_json
+
+    write_json(out / f"rank{rank}-skipped.json", {"rank": rank, "loo_users": cfg.data.loo_users})
+    typer.echo(f"rank {rank} >= data.loo_users={cfg.data.loo_users}: nothing to do")
+
+
 @app.command("pretrain")
 @one_line_errors
-def pretrain_cmd(held_out: Annotated[str, typer.Option("--held-out", help="speaker left out of pretraining")],
-                 params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
-                 corpus: CorpusOpt = None) -> None:
-    """Pretrain MulT + User Adapter on every speaker except --held-out (resumable)."""
+def pretrain_cmd(held_out: HeldOutOpt = None, rank: RankOpt = None, params: ParamsOpt = None,
+                 profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None) -> None:
+    """Pretrain MulT + User Adapter on every speaker except the held-out one (resumable)."""
     from psamf.personalized import pretrain
 
-    report = pretrain(config_from(params, profile, set_, corpus), held_out)
+    cfg = config_from(params, profile, set_, corpus)
+    user = _loo_user(cfg, held_out, rank)
+    if user is None:
+        return _skip_slot(Path(cfg.pretrain.out_dir), rank, cfg)
+    report = pretrain(cfg, user)
     echo_json({k: v for k, v in report.items() if k != "history"})
 
 
 @app.command("finetune")
 @one_line_errors
-def finetune_cmd(user: Annotated[str, typer.Option("--user", help="the held-out speaker to personalize for")],
-                 params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
-                 corpus: CorpusOpt = None) -> None:
+def finetune_cmd(user: HeldOutOpt = None, rank: RankOpt = None, params: ParamsOpt = None,
+                 profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None) -> None:
     """baseline / FS-UA / FS-UA-KD over R seeded k-shot draws for one user."""
     from psamf.personalized import finetune
 
-    report = finetune(config_from(params, profile, set_, corpus), user)
-    echo_json({"user": user, "summary": {v: {k: round(c["mean"], 4) for k, c in m.items()}
-                                         for v, m in report["summary"].items()}, "paired": report["paired"]})
+    cfg = config_from(params, profile, set_, corpus)
+    who = _loo_user(cfg, user, rank)
+    if who is None:
+        return _skip_slot(Path(cfg.finetune.out_dir), rank, cfg)
+    report = finetune(cfg, who)
+    echo_json({"user": who, "summary": {v: {k: round(c["mean"], 4) for k, c in m.items()}
+                                        for v, m in report["summary"].items()}, "paired": report["paired"]})
 
 
 @app.command("loo")
 @one_line_errors
 def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None,
-            report_only: Annotated[bool, typer.Option("--report-only", help="only collect existing per-user reports")] = False) -> None:
+            report_only: Annotated[bool, typer.Option("--report-only", help="only collect existing per-user reports")] = False,
+            reports: Annotated[Optional[list[Path]], typer.Option("--reports", help="finetune report files to collect "
+                                                                  "(default: <finetune.out_dir>/<corpus>/<user>.json)")] = None,
+            out: Annotated[Optional[Path], typer.Option(help="report dir (default: <finetune.out_dir>/<corpus>)")] = None) -> None:
     """The leave-one-out experiment over the K users with the most segments: tables, CSV, chart."""
     from psamf.personalized import loo, loo_report
 
     cfg = config_from(params, profile, set_, corpus)
-    echo_json(loo_report(cfg) if report_only else loo(cfg))
+    if report_only or reports:
+        files = [p for p in (reports or []) if not p.name.endswith("-skipped.json")] if reports else None
+        echo_json(loo_report(cfg, report_files=files, out_dir=out))
+    else:
+        echo_json(loo(cfg))
 
 
 @app.command("demo")

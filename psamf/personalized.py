@@ -269,20 +269,47 @@ def loo(cfg: Config, users: list[str] | None = None, on_user=None) -> dict[str, 
         return summary
 
 
-def loo_report(cfg: Config, users: list[str] | None = None) -> dict[str, Any]:
-    """Collect reports/loo/<corpus>/<user>.json into the paper's table layout (+ CIs), CSV, MD, PNG."""
+def user_at_rank(cfg: Config, rank: int) -> str | None:
+    """The LOO user at `rank` (0 = most segments), or None when rank >= data.loo_users.
+
+    DVC and KFP fan out over rank slots, which are static, rather than speaker ids, which
+    depend on the corpus."""
+    users = loo_users(cfg)
+    return users[rank] if 0 <= rank < len(users) else None
+
+
+def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[Path] | None = None,
+               out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Collect per-user finetune reports into the paper's table layout (+ CIs), CSV, MD, PNG.
+
+    By default reads <finetune.out_dir>/<corpus>/<user>.json for the LOO users; orchestrators
+    that kept each user's report elsewhere pass `report_files` instead."""
     import json
 
     from psamf.reports import conventions_note, markdown_table, provenance, save_figure, write_csv, write_text
 
-    users = users or loo_users(cfg)
-    base = Path(cfg.finetune.out_dir) / cfg.data.corpus
-    reports = []
-    for u in users:
-        p = base / f"{u}.json"
-        if not p.is_file():
-            raise InputError(p, f"missing; run `psamf finetune --user {u}` first")
-        reports.append(json.loads(p.read_text()))
+    if report_files is not None:
+        by_user = {}
+        for p in report_files:
+            try:
+                rep = json.loads(Path(p).read_text())
+                by_user[rep["user"]] = rep
+            except (OSError, ValueError, KeyError) as e:
+                raise InputError(p, f"not a finetune report ({e})") from None
+        order = {u: i for i, u in enumerate(loo_users(cfg))}
+        users = sorted(by_user, key=lambda u: (order.get(u, len(order)), u))
+        reports = [by_user[u] for u in users]
+    else:
+        users = users or loo_users(cfg)
+        base = Path(cfg.finetune.out_dir) / cfg.data.corpus
+        reports = []
+        for u in users:
+            p = base / f"{u}.json"
+            if not p.is_file():
+                raise InputError(p, f"missing; run `psamf finetune --user {u}` first")
+            reports.append(json.loads(p.read_text()))
+    if not reports:
+        raise InputError("loo", "no finetune reports to collect")
     rows = []
     for r in reports:
         for v in VARIANTS:
@@ -311,7 +338,7 @@ def loo_report(cfg: Config, users: list[str] | None = None) -> dict[str, Any]:
     md += [f"\nMean over users of (baseline MAE − FS-UA-KD MAE): {kd_gain['mean']:.4f} "
            f"[{kd_gain['lo']:.4f}, {kd_gain['hi']:.4f}] (95% CI; > 0 means KD fine-tuning lowered MAE).\n",
            "\n" + conventions_note(list(TABLE_METRICS.values()))]
-    out = Path(cfg.finetune.out_dir) / cfg.data.corpus
+    out = Path(out_dir) if out_dir else Path(cfg.finetune.out_dir) / cfg.data.corpus
     write_csv(out / "loo_table.csv", df)
     write_text(out / "loo_report.md", "".join(md))
     fig = loo_chart(df, users)
