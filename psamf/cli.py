@@ -169,8 +169,8 @@ def finetune_cmd(user: HeldOutOpt = None, rank: RankOpt = None, params: ParamsOp
 @one_line_errors
 def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None,
             report_only: Annotated[bool, typer.Option("--report-only", help="only collect existing per-user reports")] = False,
-            reports: Annotated[Optional[list[Path]], typer.Option("--reports", help="finetune report files to collect "
-                                                                  "(default: <finetune.out_dir>/<corpus>/<user>.json)")] = None,
+            reports: Annotated[Optional[list[Path]], typer.Argument(help="finetune report files to collect "
+                                                                    "(default: <finetune.out_dir>/<corpus>/<user>.json)")] = None,
             out: Annotated[Optional[Path], typer.Option(help="report dir (default: <finetune.out_dir>/<corpus>)")] = None) -> None:
     """The leave-one-out experiment over the K users with the most segments: tables, CSV, chart."""
     from psamf.personalized import loo, loo_report

@@ -348,6 +348,9 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
                "files": {k: str(out / f) for k, f in (("csv", "loo_table.csv"), ("markdown", "loo_report.md"),
                                                        ("chart", "loo_chart.png"))}}
     write_json(out / "loo_summary.json", summary)
+    # Flat numbers for `dvc metrics show` / KFP Metrics: <variant>.<metric>.
+    write_json(out / "metrics.json", {**{f"{v}.{m}": round(x, 6) for v, ms in averages.items() for m, x in ms.items()},
+                                      "kd_mae_gain": round(kd_gain["mean"], 6)})
     return summary
 
 
