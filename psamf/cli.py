@@ -212,9 +212,9 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
 
 def _register_extensions() -> None:
     """Stage groups that live in their own modules add their commands here."""
-    from psamf import cli_psamf, cli_registry
+    from psamf import cli_pipeline, cli_psamf, cli_registry
 
-    for module in (cli_psamf, cli_registry):
+    for module in (cli_psamf, cli_registry, cli_pipeline):
         module.register(app)
 
 

@@ -15,7 +15,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success rename it into place, on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Keep the real suffix last: some writers (kfp, matplotlib) choose the format from it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
