@@ -80,7 +80,7 @@ def l1_loss(model: MulT, b: Batch) -> torch.Tensor:
 
 def build_model(cfg: Config, tensors: dict[str, torch.Tensor], n_users: int) -> MulT:
     return MulT.from_config(cfg.mult, cfg.user_adapter, tensors["text"].shape[-1], tensors["audio"].shape[-1],
-                            tensors["visual"].shape[-1], n_users=n_users)
+                            tensors["visual"].shape[-1], n_users)
 
 
 def pretrain_dir(cfg: Config, held_out: str) -> Path:

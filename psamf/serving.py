@@ -227,7 +227,7 @@ class MultPyfunc(PythonModel):
         self.vocab = UserVocab.from_list(state["users"])
         self.device = _device()
         model = MulT.from_config(_dataclass(MultConfig, conf["mult"]), _dataclass(UserAdapterConfig, conf["user_adapter"]),
-                                 self.dims["text"], self.dims["audio"], self.dims["visual"], n_users=len(self.vocab))
+                                 self.dims["text"], self.dims["audio"], self.dims["visual"], len(self.vocab))
         model.load_state_dict(state["state_dict"])
         self.model = model.to(self.device).eval()
         encoder = context.artifacts.get("text_encoder") or conf["text_encoder"]["name"]

@@ -8,6 +8,7 @@ seeded with (seed, epoch), so it does not depend on where a run was resumed.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -63,6 +64,11 @@ def batches(data: dict[str, torch.Tensor], batch_size: int, shuffle: bool, seed:
         yield {k: v[idx] for k, v in data.items()}
 
 
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """A detached copy of the state_dict (tensors cloned; extra state such as a vocab copied)."""
+    return {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in model.state_dict().items()}
+
+
 def _save(path: Path, obj: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -106,7 +112,7 @@ def fit(
     """
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     start_epoch, best, best_epoch, bad_epochs, history = 0, math.inf, -1, 0, []
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_state = snapshot(model)
     stopped = False
     if ckpt and (ckpt / "last.pt").is_file():
         state = torch.load(ckpt / "last.pt", weights_only=False)
@@ -144,7 +150,7 @@ def fit(
         score = metrics[monitor]
         if score < best:
             best, best_epoch, bad_epochs = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = snapshot(model)
             if ckpt:
                 _save(ckpt / "best.pt", best_state)
         else:
