@@ -1,14 +1,15 @@
 """MulT training throughput on CPU: forward + backward + Adam step, samples/s and peak RSS.
 
-Fixed shape (the MOSI aligned setting of the MulT paper): 50 aligned steps; text 768-d,
-audio 5-d, vision 20-d; d_model 50, 10 heads, 4 layers; batch 16; 2 threads; no user
-adapter. Target: >= 90 samples/s with peak RSS <= 1 GiB.
+Fixed shape: 50 aligned steps; text 768-d (BERT-sized), audio 5-d, vision 20-d; d_model 50,
+10 heads, 4 layers; batch 16; 2 threads; no user adapter. Target: >= 90 samples/s with peak
+RSS <= 1 GiB.
 
-    .venv/bin/python bench/mult_throughput.py          # writes bench/results/mult_throughput.json
+    .venv/bin/python -m bench.mult_throughput          # writes bench/results/mult_throughput.json
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import resource
 import statistics
@@ -42,7 +43,9 @@ def measure_throughput(batch_size: int = 16, seq_len: int = 50, text_dim: int = 
     torch.manual_seed(seed)
     cfg = dataclasses.replace(MultConfig(), d_model=d_model, n_heads=n_heads, n_layers=n_layers)
     model = MulT(cfg, text_dim, audio_dim, visual_dim, user_adapter=None).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # fused Adam: one kernel over all parameters instead of ~10 small ops per tensor (MulT has
+    # ~460 parameter tensors); same update rule, ~5% faster steps here.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     text = torch.randn(batch_size, seq_len, text_dim)
     audio = torch.randn(batch_size, seq_len, audio_dim)
     visual = torch.randn(batch_size, seq_len, visual_dim)
@@ -57,10 +60,12 @@ def measure_throughput(batch_size: int = 16, seq_len: int = 50, text_dim: int = 
     for _ in range(warmup):
         step()
     times = []
+    cpu0 = time.process_time()
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu0
     total = sum(times)
     sps = batch_size * steps / total
     rss = peak_rss_mib()
@@ -77,10 +82,13 @@ def measure_throughput(batch_size: int = 16, seq_len: int = 50, text_dim: int = 
                   "audio_dim": audio_dim, "visual_dim": visual_dim},
         "mult": dataclasses.asdict(cfg),
         "n_params": sum(p.numel() for p in model.parameters()),
-        "threads": threads, "warmup": warmup, "steps": steps,
+        "threads": threads, "warmup": warmup, "steps": steps, "optimizer": "Adam(lr=1e-3, fused=True)",
         "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(),
-        "load_avg_1m": round(__import__("os").getloadavg()[0], 2),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        # The machine is shared: other processes' load makes OpenMP threads wait on each other,
+        # so a run is only comparable with another when these two look alike.
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "cpu_per_wall": round(cpu / total, 2),
     }
 
 

@@ -29,7 +29,7 @@ def ua_cfg(**kw) -> UserAdapterConfig:
 def make(mult_kw=None, ua_kw=None, adapter=True, seed=0) -> MulT:
     torch.manual_seed(seed)
     ua = ua_cfg(enabled=adapter, **(ua_kw or {}))
-    return MulT.from_config(cfg(**(mult_kw or {})), ua, n_users=N_USERS, **DIMS).eval()
+    return MulT.from_config(cfg(**(mult_kw or {})), ua, **DIMS, users=N_USERS).eval()
 
 
 def batch(seed=1, t=T):
@@ -96,6 +96,23 @@ def test_user_changes_output_and_unknown_user_works():
         model(*x, user_ids=torch.tensor([0, 1, N_USERS + 1]))
 
 
+def test_adapter_owns_the_vocab_and_saves_it():
+    torch.manual_seed(0)
+    model = MulT.from_config(cfg(), ua_cfg(), **DIMS, users=["spk_b", "spk_a"]).eval()
+    ad = model.user_adapter
+    assert ad.n_users == 2 and ad.encode(["spk_a", "spk_b", "zzz"]).tolist() == [1, 2, UNKNOWN]
+    x = batch()
+    y_unknown = model(*x, user_ids=ad.encode(["new"] * B))
+    assert ad.add_users(["new"]) == [3] and ad.n_users == 3
+    torch.testing.assert_close(model(*x, user_ids=ad.encode(["new"] * B)), y_unknown)  # starts at UNKNOWN
+    # the mapping is part of the state_dict
+    fresh = MulT.from_config(cfg(), ua_cfg(), **DIMS, users=3)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.user_adapter.vocab.to_list() == ["spk_a", "spk_b", "new"]
+    with pytest.raises(ValueError, match="user count"):
+        make().user_adapter.encode(["a"])
+
+
 def test_user_vocab():
     v = UserVocab(["b", "a", "b", "c"])
     assert len(v) == 3 and v.to_list() == ["a", "b", "c"]  # sorted, deduplicated
@@ -154,6 +171,9 @@ def test_padding_mask_respected(pad, causal, adapter):
     y2 = model(*x2, user_ids=USERS, text_mask=mask, audio_mask=mask, visual_mask=mask)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, y2, rtol=0, atol=1e-5)
+    with torch.no_grad():  # the inference path (SDPA) agrees with the training path (AttentionCore)
+        y3 = model(*x2, user_ids=USERS, text_mask=mask, audio_mask=mask, visual_mask=mask)
+    torch.testing.assert_close(y3, y, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(model(*x2, user_ids=USERS), y2)  # without masks the padding does count
 
 
@@ -200,7 +220,7 @@ def test_attention_mask_semantics():
 def test_determinism_under_manual_seed():
     a, b = make(seed=3), make(seed=3)
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert na == nb and torch.equal(pa, pb)
+        assert na == nb and (torch.equal(pa, pb) if torch.is_tensor(pa) else pa == pb)
     x = batch()
     a.train(), b.train()
     torch.manual_seed(5)
@@ -244,3 +264,62 @@ def test_state_dict_roundtrip_keeps_predictions():
     fresh.load_state_dict(clone.state_dict())
     x = batch()
     assert torch.equal(model(*x, user_ids=USERS), fresh(*x, user_ids=USERS))
+
+
+def test_dropout_matches_f_dropout_semantics():
+    from psamf.models.mult import dropout
+
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005  # keep w.p. 1 - p
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))  # inverted scaling
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # gradient flows through the same mask
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1, True), y)  # reproducible under manual_seed
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+
+
+@pytest.mark.parametrize("masking", ["none", "causal", "bias"])
+def test_training_attention_path_equals_sdpa(masking):
+    # With grad on, CPU attention runs AttentionCore; under no_grad it runs SDPA. With a p so
+    # small that no weight is dropped the two must agree, masks included.
+    from psamf.models.mult import Attention, attention_bias, attention_mask
+
+    torch.manual_seed(0)
+    att = Attention(8, 2, dropout=1e-9).train()
+    x, src = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    km = torch.tensor([[True] * 5, [False, True, True, True, False]])
+    bias = {"none": None, "causal": attention_bias(attention_mask(5, 5, None, True, "cpu"), x.dtype),
+            "bias": attention_bias(attention_mask(5, 5, km, True, "cpu"), x.dtype)}[masking]
+    is_causal = masking == "causal"
+    y_core = att(x, src, bias, is_causal)
+    with torch.no_grad():
+        y_sdpa = att(x, src, bias, is_causal)
+    torch.testing.assert_close(y_core, y_sdpa, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_keep", [True, False])
+def test_attention_core_gradcheck(with_bias, with_keep):
+    from psamf.models.mult import AttentionCore, attention_bias, attention_mask, dropout_mask
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 2, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    km = torch.tensor([[True, True, True, True], [False, True, True, False]])
+    bias = attention_bias(attention_mask(4, 4, km, True, "cpu"), torch.float64) if with_bias else None
+    keep = dropout_mask((2, 3, 4, 4), 0.3, torch.float64) if with_keep else None
+    assert torch.autograd.gradcheck(lambda a, b, c: AttentionCore.apply(a, b, c, bias, keep, 0.7), (q, k, v))
+    # and it is the attention it claims to be
+    s = (q @ k.transpose(-2, -1)) * 0.7 + (0 if bias is None else bias)
+    ref = (s.softmax(-1) * (1 if keep is None else keep)) @ v
+    torch.testing.assert_close(AttentionCore.apply(q, k, v, bias, keep, 0.7), ref)
+
+
+def test_kernel_one_projection_is_the_conv():
+    model = make(mult_kw=dict(kernel_a=1))
+    _, audio, _ = batch()
+    conv = model.proj["audio"](audio.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(model._project("audio", audio, None), conv)

@@ -21,14 +21,15 @@ position 0 to steps whose first feature is exactly 0).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from psamf.config import MultConfig, UserAdapterConfig
-from psamf.models.user_adapter import MODALITIES, UserAdapter
+from psamf.models.user_adapter import MODALITIES, UserAdapter, UserVocab
 
 
 def sinusoidal_positions(T: int, d: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -69,27 +70,70 @@ def attention_bias(allowed: torch.Tensor | None, dtype) -> torch.Tensor | None:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout with a cheaper mask on CPU; same semantics (keep w.p. 1-p, scale by 1/(1-p)).
+def dropout_mask(shape, p: float, dtype=torch.float32) -> torch.Tensor:
+    """CPU keep-mask for dropout, already scaled: 1/(1-p) with probability 1-p, else 0.
 
-    Why: on CPU, F.dropout draws one Mersenne-Twister number per element (bernoulli_), and at
-    MulT's sizes that RNG cost more than all the matmuls of a layer. One 64-bit draw gives four
-    16-bit uniforms instead, so p is quantized to 1/65536 (0.1 -> 0.100006). Reproducible
-    under torch.manual_seed like F.dropout. Other devices use F.dropout (fused Philox there).
+    Why not bernoulli_: on CPU it draws one Mersenne-Twister number per element, and at
+    MulT's sizes that RNG cost more than the matmuls of a layer. One 64-bit draw gives four
+    16-bit uniforms instead (~4x cheaper), so p is quantized to 1/65536 (0.1 -> 0.100006).
+    Uses the global generator, so torch.manual_seed makes it reproducible.
     """
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
+    r = bits.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
+    keep = (r >= round(p * 65536) - 32768) * (1.0 / (1.0 - p))  # bool * float: one kernel
+    return keep if keep.dtype == dtype else keep.to(dtype)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout semantics; on CPU with the cheaper mask above, elsewhere F.dropout itself."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, True)
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
-    r = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-    keep = (r >= round(p * 65536) - 32768).to(x.dtype).mul_(1.0 / (1.0 - p))
-    return x * keep
+    return x * dropout_mask(x.shape, p, x.dtype)
+
+
+class AttentionCore(torch.autograd.Function):
+    """y = (softmax(q k^T * scale + bias) * keep) @ v for q, k, v [B,h,T,hd], with its own backward.
+
+    Why: with MulT's tiny heads (hd = d/h = 5 or 10) MKL's batched GEMM is ~4x slower when the
+    output's last dim is hd than when it is T. Autograd's backward of the two matmuls makes
+    three such [T, hd] outputs (dq, dk, dv) and the forward one (y). Here every GEMM writes a
+    [hd, T] or [T, T] result and the [T, hd] tensors are returned as transposed views.
+    `keep` is a scaled dropout mask or None; `bias` an additive mask or None. Checked against
+    autograd with gradcheck in tests/test_mult.py.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, keep, scale: float):
+        q = q * scale
+        s = q @ k.transpose(-2, -1)
+        if bias is not None:
+            s += bias
+        p = torch.softmax(s, dim=-1)
+        pd = p if keep is None else p * keep
+        y_t = v.transpose(-2, -1) @ pd.transpose(-2, -1)  # [B,h,hd,Tq]
+        ctx.save_for_backward(q, k, v, p, pd, keep)
+        ctx.scale = scale
+        return y_t.transpose(-2, -1)
+
+    @staticmethod
+    @once_differentiable  # MulT never needs double backward; this makes asking for it an error
+    def backward(ctx, dy):
+        q, k, v, p, pd, keep = ctx.saved_tensors
+        dpd = dy @ v.transpose(-2, -1)  # [B,h,Tq,Tk]
+        dv_t = dy.transpose(-2, -1) @ pd  # [B,h,hd,Tk]
+        dp = dpd if keep is None else dpd.mul_(keep)
+        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+        dq_t = (k.transpose(-2, -1) @ ds.transpose(-2, -1)).mul_(ctx.scale)  # [B,h,hd,Tq]
+        dk_t = q.transpose(-2, -1) @ ds  # [B,h,hd,Tk]; q was saved already scaled
+        return dq_t.transpose(-2, -1), dk_t.transpose(-2, -1), dv_t.transpose(-2, -1), None, None, None
 
 
 class Attention(nn.Module):
-    """Multi-head attention over F.scaled_dot_product_attention (fused kernels on CPU and GPU).
+    """Multi-head attention: AttentionCore when training on CPU, F.scaled_dot_product_attention
+    otherwise (inference, and GPUs, where its fused kernels handle dropout too).
 
     One in_proj [3d, d] as in nn.MultiheadAttention; for crossmodal attention the query rows
     project the target and the key/value rows project the source (K and V are the same
@@ -116,18 +160,16 @@ class Attention(nn.Module):
             k, v = F.linear(src, w[d:], b[d:]).split(d, dim=-1)
         h = self.n_heads
         q, k, v = (t.unflatten(-1, (h, d // h)).transpose(1, 2) for t in (q, k, v))  # [B,h,T,hd]
-        if self.training and self.dropout > 0:
-            # SDPA falls back to its unfused path for dropout anyway; spelled out here so the
-            # attention weights go through our cheaper dropout. Scaling q (T*hd values) is cheaper
-            # than scaling the scores (T*T), and an added bias has a free backward.
-            att = (q * (1.0 / math.sqrt(d // h))) @ k.transpose(-2, -1)
-            if bias is not None:
-                att = att + bias
-            y = dropout(att.softmax(dim=-1), self.dropout, True) @ v
-        elif is_causal:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        p = self.dropout if self.training else 0.0
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            # Training on CPU: our core (fast GEMM layouts, cheaper dropout); SDPA's flash
+            # kernel would also fall back to an unfused path whenever dropout is on.
+            keep = dropout_mask((B, h, Tq, k.shape[2]), p, x.dtype) if p > 0 else None
+            y = AttentionCore.apply(q, k, v, bias, keep, 1.0 / math.sqrt(d // h))
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if is_causal else bias, is_causal=is_causal, dropout_p=p
+            )
         return self.out_proj(y.transpose(1, 2).flatten(2))
 
 
@@ -233,12 +275,20 @@ class MulT(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: MultConfig, ua_cfg: UserAdapterConfig, text_dim: int, audio_dim: int,
-                    visual_dim: int, n_users: int = 0) -> "MulT":
-        """The model the config describes; no adapter when user_adapter.enabled is false."""
+                    visual_dim: int, users: UserVocab | Iterable[str] | int = 0, *,
+                    n_users: int | None = None) -> "MulT":
+        """The model the config describes; no adapter when user_adapter.enabled is false.
+
+        `users`: the training speakers (a UserVocab or their ids), or a count of users.
+        `n_users=` is the older keyword for a count and still accepted.
+        """
+        if n_users is not None:
+            users = n_users
         adapter = None
         if ua_cfg.enabled:
+            # unknown_p has no params.yaml key (yet); read it if one is added.
             unknown_p = getattr(ua_cfg, "unknown_p", 0.1)
-            adapter = UserAdapter(n_users, cfg.d_model, ua_cfg, unknown_p=unknown_p)
+            adapter = UserAdapter(users, cfg.d_model, ua_cfg, unknown_p=unknown_p)
         return cls(cfg, text_dim, audio_dim, visual_dim, user_adapter=adapter)
 
     # -- parameter groups: fine-tuning uses lr_base for the MulT and lr_adapter for the adapter
@@ -263,9 +313,11 @@ class MulT(nn.Module):
             x = x * mask.unsqueeze(-1).to(x.dtype)
         if m == "text":
             x = dropout(x, self.cfg.embed_dropout, self.training)  # MulT drops text features only
-        x = x.transpose(1, 2)  # [B,D,T] for Conv1d
-        x = F.pad(x, (self.kernels[m] - 1, 0))  # causal: step t sees t-k+1..t, T unchanged
-        return self.proj[m](x).transpose(1, 2)  # [B,T,d]
+        conv = self.proj[m]
+        if self.kernels[m] == 1:  # a kernel-1 Conv1D is a Linear; skips two transposes and a copy
+            return F.linear(x, conv.weight.squeeze(-1))
+        x = F.pad(x.transpose(1, 2), (self.kernels[m] - 1, 0))  # causal: step t sees t-k+1..t, T unchanged
+        return conv(x).transpose(1, 2)  # [B,T,d]
 
     def features(self, text, audio, visual, user_ids=None, text_mask=None, audio_mask=None, visual_mask=None):
         """The concatenated last-step states [B, 6d] (MulT's `last_hs`)."""

@@ -51,7 +51,7 @@ class UserVocab:
         """Append a new user (e.g. the held-out LOO user before fine-tuning); returns its row.
 
         Appending (not re-sorting) keeps every existing row where a saved model expects it.
-        Pair with `UserAdapter.grow(len(vocab))`.
+        `UserAdapter.add_users` does this and resizes the embeddings to match.
         """
         user = str(user)
         if user not in self._index:
@@ -75,12 +75,16 @@ class UserVocab:
 class UserAdapter(nn.Module):
     """u' (nn.Embedding per modality) -> MLP per modality -> prompt_len tokens of size d_model.
 
+    `users`: a UserVocab (or the speaker ids to build one) so the adapter can `encode` speaker
+    ids itself and the id -> row mapping is saved in its state_dict; or just a count of users
+    when the caller maps ids to rows 1..n itself.
     `unknown_p`: while training, each sample's user is replaced by UNKNOWN with this
     probability, so row 0 learns a population-average token during pretraining and a
     cold-start user gets a sensible prompt instead of an untrained random one. 0 = paper.
     """
 
-    def __init__(self, n_users: int, d_model: int, cfg: UserAdapterConfig, unknown_p: float = 0.1):
+    def __init__(self, users: UserVocab | Iterable[str] | int, d_model: int, cfg: UserAdapterConfig,
+                 unknown_p: float = 0.1):
         super().__init__()
         if cfg.position not in POSITIONS:
             raise ValueError(f"user_adapter.position must be one of {POSITIONS}, got {cfg.position!r}")
@@ -88,6 +92,11 @@ class UserAdapter(nn.Module):
             raise ValueError(f"user_adapter.prompt_len must be >= 1, got {cfg.prompt_len}")
         if not 0.0 <= unknown_p < 1.0:
             raise ValueError(f"unknown_p must be in [0, 1), got {unknown_p}")
+        if isinstance(users, int):
+            self.vocab, n_users = None, users
+        else:
+            self.vocab = users if isinstance(users, UserVocab) else UserVocab(users)
+            n_users = len(self.vocab)
         self.n_users = n_users
         self.d_model = d_model
         self.prompt_len = cfg.prompt_len
@@ -102,6 +111,31 @@ class UserAdapter(nn.Module):
             m: nn.Sequential(nn.Linear(d_model, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, d_model))
             for m in MODALITIES
         })
+
+    def encode(self, users: Sequence[str | None]) -> torch.Tensor:
+        """Speaker ids -> LongTensor[B] of rows; unseen or None -> UNKNOWN (0)."""
+        if self.vocab is None:
+            raise ValueError("this UserAdapter was built from a user count, not a UserVocab")
+        return self.vocab.encode(users)
+
+    def add_users(self, users: Iterable[str]) -> list[int]:
+        """Give new speakers (e.g. the held-out LOO user) their own rows, starting at UNKNOWN's.
+
+        Call before building the fine-tuning optimizer: the embeddings are replaced.
+        """
+        if self.vocab is None:
+            raise ValueError("this UserAdapter was built from a user count, not a UserVocab")
+        rows = [self.vocab.add(u) for u in users]
+        self.grow(len(self.vocab))
+        return rows
+
+    # The vocab travels in the state_dict, so a saved adapter keeps its id -> row mapping.
+    def get_extra_state(self):
+        return {"users": None if self.vocab is None else self.vocab.to_list()}
+
+    def set_extra_state(self, state) -> None:
+        users = (state or {}).get("users")
+        self.vocab = None if users is None else UserVocab.from_list(users)
 
     def forward(self, user_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """LongTensor[B] of rows -> {modality: u [B, prompt_len, d_model]}."""
@@ -124,8 +158,9 @@ class UserAdapter(nn.Module):
         What the position changes, given MulT's causal mask and last-step readout:
         - "end" (paper): the token is the last step, so it is what gets read out; it attends
           to every real step (and, in the crossmodal layers, to the whole source sequence),
-          acting like a per-user CLS token. With causal masking the real steps cannot see
-          it, so the user only enters the prediction through the read-out step.
+          acting like a per-user CLS token. With the causal mask on, no real step can see
+          it, so the user enters the prediction only through the read-out step; with it
+          off, every step can attend to it as well.
         - "start": every step of the sequence can attend to the token (causal or not), so
           the user conditions all hidden states, but the read-out step is the last real
           step, not the token. Positional encodings of the real steps shift by prompt_len.
@@ -141,10 +176,11 @@ class UserAdapter(nn.Module):
 
     @torch.no_grad()
     def grow(self, n_users: int) -> None:
-        """Add rows for users appended to the vocab; new rows start as a copy of UNKNOWN.
+        """Resize to n_users (rows 1..n_users); new rows start as a copy of UNKNOWN.
 
         Starting from the UNKNOWN row means a new user's first prediction equals the
-        cold-start prediction, and few-shot fine-tuning moves it from there.
+        cold-start prediction, and few-shot fine-tuning moves it from there. Replaces the
+        embedding parameters: build optimizers afterwards.
         """
         if n_users < self.n_users:
             raise ValueError(f"cannot shrink the adapter from {self.n_users} to {n_users} users")
