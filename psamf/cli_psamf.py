@@ -3,9 +3,12 @@
     psamf personality train     fine-tune the Big Five encoder (psamf.personality_model)
     psamf train [--ablation X]  PSA-MF on the prepared dataset (psamf.psamf_train)
     psamf train --text-baseline the text-only baseline on the same encoder and folds
+    psamf train --best-params P apply a best_params.json (dotted keys) from `psamf tune`
+    psamf tune [--workers N]    Optuna search over tau, N, lambda (psamf.tune); --join on other nodes
 """
 # No `from __future__ import annotations`: Typer evaluates the annotations, and the option
 # types are imported inside register(), so they must be resolved when each command is defined.
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -39,15 +42,39 @@ def register(app: typer.Typer) -> None:
                                          "(same as --set psamf.ablation=...)")] = None,
                   text_baseline: Annotated[bool, typer.Option(
                       "--text-baseline", help="train the text-only baseline (encoder + linear head) instead")] = False,
+                  best_params: Annotated[Optional[Path], typer.Option(
+                      "--best-params", help="a JSON of dotted keys (psamf tune's best_params.json) applied as "
+                                            "overrides; --set wins over it")] = None,
                   ) -> None:
         """Train PSA-MF (resumable); test metrics in every convention; writes model.pt + metrics.json."""
         from psamf.psamf_train import train_psamf, train_text_baseline
 
         sets = list(set_ or [])
+        if best_params is not None:
+            from psamf.tune import best_params_overrides
+
+            sets = best_params_overrides(best_params) + sets
         if ablation is not None:
             sets.append(f"psamf.ablation={ablation}")
         cfg = config_from(params, profile, sets, corpus)
         report = train_text_baseline(cfg) if text_baseline else train_psamf(cfg)
         echo_json({k: v for k, v in report.items() if k not in ("history", "metric_conventions")})
 
-    # `psamf tune` (psamf/tune.py) registers here, next to `train`.
+    @app.command("tune")
+    @one_line_errors
+    def tune_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                 corpus: CorpusOpt = None,
+                 workers: Annotated[Optional[int], typer.Option(
+                     "--workers", help="local worker processes sharing the study (default tune.workers)")] = None,
+                 join: Annotated[bool, typer.Option(
+                     "--join", help="join the existing study from another node (same PSAMF_OPTUNA_STORAGE); "
+                                    "no report")] = False,
+                 report_only: Annotated[bool, typer.Option(
+                     "--report-only", help="rewrite the report from the storage; run no trials")] = False,
+                 ) -> None:
+        """Optuna search over psamf.tau, psamf.split_layer, psamf.aux_lambda (valid MAE); writes best_params.json."""
+        from psamf.tune import tune, tune_report
+
+        cfg = config_from(params, profile, set_, corpus)
+        summary = tune_report(cfg) if report_only else tune(cfg, workers, join=join)
+        echo_json({k: v for k, v in summary.items() if k not in ("trials", "search_space", "heartbeat")})

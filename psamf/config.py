@@ -192,6 +192,14 @@ class TuneConfig:
     epochs: int = 3
     pruner: str = "median"
     out_dir: str = "reports/tune"
+    seed: int = 0
+    n_startup_trials: int = 4
+    pruner_startup_trials: int = 2
+    pruner_warmup_steps: int = 0
+    heartbeat_interval: int | None = 60
+    grace_period: int | None = None
+    max_retry: int | None = 2
+    keep_trial_models: bool = False
 
 
 @dataclass

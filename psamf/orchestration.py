@@ -168,13 +168,13 @@ def loo_report_stage(profile: str, overrides: Sequence[str], dataset: str, repor
 
 def tune_stage(profile: str, overrides: Sequence[str], dataset: str, personality: str, best_params: str,
                parent_run_id: str = "", metrics: MetricsSink | None = None) -> dict[str, Any]:
-    from psamf.tune import tune
+    from psamf.tune import report_dir, tune
 
     storage = os.environ.get("PSAMF_OPTUNA_STORAGE")
     extra = [f"psamf.personality_encoder={personality}", f"tune.out_dir={Path(best_params).parent / 'tune'}"]
     cfg = stage_config(profile, overrides, dataset, parent_run_id, extra + ([f"tune.storage={storage}"] if storage else []))
     result = tune(cfg)
-    shutil.copyfile(result["best_params_path"], best_params)
+    shutil.copyfile(report_dir(cfg) / "best_params.json", best_params)
     log_metrics(metrics, {"best_valid_mae": result.get("best_value")})
     return result
 
@@ -183,7 +183,7 @@ def train_stage(profile: str, overrides: Sequence[str], dataset: str, personalit
                 model: str, parent_run_id: str = "", metrics: MetricsSink | None = None) -> dict[str, Any]:
     from psamf.psamf_train import train_psamf
 
-    best = [f"{k}={json.dumps(v)}" for k, v in json.loads(Path(best_params).read_text()).get("params", {}).items()]
+    best = [f"{k}={json.dumps(v)}" for k, v in json.loads(Path(best_params).read_text()).items()]
     cfg = stage_config(profile, overrides, dataset, parent_run_id,
                        [f"psamf.personality_encoder={personality}", *best])
     result = train_psamf(cfg, out_dir=model)

