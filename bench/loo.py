@@ -46,18 +46,19 @@ def measure(workdir: str, position_users: int) -> dict:
     strat_cfg = load_config("params.yaml", "demo", base + ["finetune.stratified=true"])
     strat = {u: finetune(strat_cfg, u, write=False)["summary"] for u in users}
 
-    # Adapter token position: re-pretrain a few users with the token at the start.
-    pos = {}
-    for position in ("end", "start"):
-        c = load_config("params.yaml", "demo", base + [f"user_adapter.position={position}",
-                                                         f"pretrain.out_dir={workdir}/models-{position}"])
+    # Adapter token position: the main run used `end`; re-pretrain a few users with `start`.
+    def position_means(rows: dict) -> dict:
+        return {v: {m: sum(r[v][m]["mean"] for r in rows.values()) / len(rows) for m in ("mae", "non0_acc2")}
+                for v in ("baseline", "fs_ua", "fs_ua_kd")}
 
-        rows = {}
-        for u in users[:position_users]:
-            pretrain(c, u)
-            rows[u] = finetune(c, u, write=False)["summary"]
-        pos[position] = {v: {m: sum(r[v][m]["mean"] for r in rows.values()) / len(rows) for m in ("mae", "non0_acc2")}
-                         for v in ("baseline", "fs_ua", "fs_ua_kd")}
+    subset = users[:position_users]
+    start_cfg = load_config("params.yaml", "demo", base + ["user_adapter.position=start",
+                                                           f"pretrain.out_dir={workdir}/models-start"])
+    start_rows = {}
+    for u in subset:
+        pretrain(start_cfg, u)
+        start_rows[u] = finetune(start_cfg, u, write=False)["summary"]
+    pos = {"end": position_means({u: per_user[u]["summary"] for u in subset}), "start": position_means(start_rows)}
 
     def mean_of(src: dict, variant: str, metric: str) -> float:
         return sum(s[variant][metric]["mean"] for s in src.values()) / len(src)
