@@ -5,7 +5,7 @@ Set PSAMF_IMAGE when compiling for a cluster; locally, kfp.local's SubprocessRun
 in this virtualenv.
 """
 import os
-from typing import List, NamedTuple
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -15,10 +15,15 @@ component = dsl.component(base_image=IMAGE, install_kfp_package=False)
 
 
 @component
-def start_run(profile: str, overrides: List[str], name: str,
-              force: bool) -> NamedTuple("Started", [("parent_run_id", str), ("decision", str)]):
+def decide(profile: str, overrides: List[str], name: str, force: bool) -> str:
+    from psamf.orchestration import retrain_decision
+    return retrain_decision(profile, overrides, name, force)
+
+
+@component
+def start_run(profile: str, overrides: List[str], name: str) -> str:
     from psamf.orchestration import start_pipeline_run
-    return start_pipeline_run(profile, overrides, name, force)
+    return start_pipeline_run(profile, overrides, name)
 
 
 @component

@@ -173,41 +173,45 @@ def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
                                                                     "(default: <finetune.out_dir>/<corpus>/<user>.json)")] = None,
             out: Annotated[Optional[Path], typer.Option(help="report dir (default: <finetune.out_dir>/<corpus>)")] = None) -> None:
     """The leave-one-out experiment over the K users with the most segments: tables, CSV, chart."""
-    from psamf.personalized import loo, loo_report
+    from psamf.personalized import loo, tracked_loo_report
 
     cfg = config_from(params, profile, set_, corpus)
     if report_only or reports:
         files = [p for p in (reports or []) if not p.name.endswith("-skipped.json")] if reports else None
-        echo_json(loo_report(cfg, report_files=files, out_dir=out))
+        echo_json(tracked_loo_report(cfg, report_files=files, out_dir=out))
     else:
         echo_json(loo(cfg))
 
 
 @app.command("demo")
 @one_line_errors
-def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-    """The main job on the embedded default: corpus -> ingest -> validate -> Personalized MulT LOO."""
-    from psamf.data.ingest import ingest
-    from psamf.data.synth import write_synthetic_corpus
-    from psamf.personalized import loo
-    from psamf.validation import validate
-    from psamf import tracking
+def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+         root: Annotated[Path, typer.Option(help="kfp.local pipeline_root (task outputs)")] = Path("reports/kfp"),
+         ) -> None:
+    """The main job: the whole pipeline (the KFP DAG, run locally) on the embedded default.
 
+    corpus -> ingest -> validate -> personality | LOO pretrain/finetune | tune -> train -> register;
+    ends with the registry's champion. Same as `psamf pipeline run`, plus a summary."""
+    import os
+
+    from psamf.pipeline import run_local
+    from psamf.registry import list_versions, registered_name
+    from psamf.tracking import tracking_uri
+
+    if params is not None:  # the tasks read $PSAMF_PARAMS
+        os.environ["PSAMF_PARAMS"] = str(params.resolve())
     cfg = config_from(params, profile, set_)
-    with tracking.stage_run(cfg, "pipeline", f"demo[{cfg.data.corpus}/{cfg.profile}]"):
-        if cfg.data.corpus == "synthetic":
-            write_synthetic_corpus(cfg)
-        ingest(cfg)
-        result = validate(cfg)
-        for failure in result.failures:
-            typer.echo(f"psamf: validation failed: {failure}", err=True)
-        if not result.success:
-            raise typer.Exit(1)
-        summary = loo(cfg)
-    typer.echo(f"validation: {result.summary_path}")
-    typer.echo(f"LOO report: {summary['files']['markdown']}")
-    for v, m in summary["averages"].items():
-        typer.echo(f"  {v:9s} MAE {m['MAE']:.3f}  Non0-Acc2 {m['Acc2']:.3f}")
+    result = run_local(cfg.profile, list(set_ or []), root)
+    listing = list_versions(cfg, registered_name(cfg, "psamf"))
+    champ = next((v for v in listing["versions"] if v["champion"]), None)
+    typer.echo(f"pipeline finished in {result['wall_s']} s; task outputs under {result['pipeline_root']}")
+    if champ is None:
+        typer.echo(f"{listing['model_name']}: no champion", err=True)
+        raise typer.Exit(1)
+    m = champ["metrics"]
+    typer.echo(f"{listing['model_name']}@champion = v{champ['version']}: test MAE {m.get('mae', float('nan')):.3f}, "
+               f"Non0-Acc2 {m.get('non0_acc2', float('nan')):.3f} (browse: mlflow ui --backend-store-uri "
+               f"{tracking_uri(cfg)})")
 
 
 def _register_extensions() -> None:

@@ -56,13 +56,18 @@ def register(app: typer.Typer) -> None:
         held_out: Annotated[Optional[str], typer.Option("--held-out", help="mult: the held-out speaker whose "
                                                         "pretrained model to register (default: the first LOO user)")] = None,
         model_dir: Annotated[Optional[str], typer.Option("--model-dir", help="default: from the config")] = None,
+        out: Annotated[Optional[str], typer.Option("--out", help="also write the decision JSON here (atomic; "
+                                                   "dvc.yaml's register output)")] = None,
         params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None,
     ) -> None:
         """Log the trained model as pyfunc, score it on its test set, gate it against @champion."""
+        from psamf.io import write_json
         from psamf.registry import register_stage
 
         cfg = config_from(params, profile, set_, corpus)
         result = register_stage(cfg, model, run_id=run_id, held_out=held_out, model_dir=model_dir)
+        if out:
+            write_json(out, result)
         echo_json(result)
         where = "duplicate of an earlier registration: " if result["duplicate"] else ""
         typer.echo(f"{where}{result['model_name']} v{result['version']} -> "

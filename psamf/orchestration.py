@@ -10,6 +10,7 @@ Layout of a `dataset` artifact: `raw/` (SDK corpus), `prepared/` (ingest output)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,18 +49,34 @@ def log_metrics(sink: MetricsSink | None, values: dict[str, Any], prefix: str = 
             sink.log_metric(f"{prefix}{k}", float(v))
 
 
-def start_pipeline_run(profile: str, overrides: Sequence[str], name: str, force: bool = True) -> tuple[str, str]:
-    """Open the parent MLflow run every task nests under; decide whether to retrain.
+def retrain_decision(profile: str, overrides: Sequence[str], name: str, force: bool = True) -> str:
+    """'run' or 'skip': skip when a completed pipeline run has the same data, code and config.
 
-    Returns (parent run id or '', 'run' | 'skip'). A skip is recorded on that run."""
+    A skip is recorded in MLflow as a `pipeline` run tagged skipped=true with the reason."""
     from psamf import tracking
     from psamf.pipeline import should_run
 
     cfg = stage_config(profile, overrides)
     go, reason, fp = should_run(cfg, overrides, force)
-    tags = {"pipeline_fingerprint": fp, "skipped": not go, "decision_reason": reason, "completed": False}
+    if not go:
+        tags = {"pipeline_fingerprint": fp, "skipped": True, "decision_reason": reason, "completed": False}
+        with tracking.stage_run(cfg, "pipeline", f"{name}[skipped]", tags):
+            pass
+    return "run" if go else "skip"
+
+
+def start_pipeline_run(profile: str, overrides: Sequence[str], name: str) -> str:
+    """Open the parent MLflow run every task nests under; returns its id ('' with tracking off).
+
+    It carries the run's fingerprint; `finish_pipeline_run` marks it completed at the end."""
+    from psamf import tracking
+    from psamf.pipeline import code_version, run_fingerprint
+
+    cfg = stage_config(profile, overrides)
+    fp = run_fingerprint(cfg.profile, overrides, tracking.data_hash(), code_version())
+    tags = {"pipeline_fingerprint": fp, "skipped": False, "decision_reason": "", "completed": False}
     with tracking.stage_run(cfg, "pipeline", name, tags) as run:
-        return run.info.run_id or "", "run" if go else "skip"
+        return run.info.run_id or ""
 
 
 def finish_pipeline_run(cfg: Config, parent_run_id: str) -> None:
@@ -125,10 +142,27 @@ def personality_stage(profile: str, overrides: Sequence[str], dataset: str, mode
     return report
 
 
+LOOP_THREADS_ENV = "PSAMF_LOOP_THREADS"
+
+
+def share_cores_in_loop() -> None:
+    """Torch threads for a task inside the LOO ParallelFor, when the runner says how many.
+
+    kfp.local runs two loop iterations at once on this machine's cores; with torch's default
+    (all cores each) they oversubscribe the CPU and each runs several times slower. `run_local`
+    sets $PSAMF_LOOP_THREADS; on a cluster every pod has its own CPUs and it stays unset."""
+    n = os.environ.get(LOOP_THREADS_ENV)
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+
+
 def pretrain_stage(profile: str, overrides: Sequence[str], dataset: str, rank: int, model: str,
                    parent_run_id: str = "") -> dict[str, Any] | None:
     from psamf.personalized import pretrain, user_at_rank
 
+    share_cores_in_loop()
     cfg = stage_config(profile, overrides, dataset, parent_run_id, [f"pretrain.out_dir={model}"])
     user = user_at_rank(cfg, rank)
     if user is None:  # a rank slot beyond data.loo_users
@@ -141,26 +175,27 @@ def finetune_stage(profile: str, overrides: Sequence[str], dataset: str, rank: i
                    report: str, parent_run_id: str = "") -> dict[str, Any] | None:
     """Writes the user's finetune report JSON to `report` (an empty JSON object for a skipped slot)."""
     from psamf.io import write_json
-    from psamf.personalized import finetune, user_at_rank
+    from psamf.personalized import finetune, log_finetune_run, user_at_rank
 
+    share_cores_in_loop()
     cfg = stage_config(profile, overrides, dataset, parent_run_id, [f"pretrain.out_dir={pretrained}"])
     user = user_at_rank(cfg, rank)
     if user is None:
         write_json(report, {})
         return None
     rep = finetune(cfg, user, write=False)
-    write_json(report, rep)
+    log_finetune_run(cfg, rep, write_json(report, rep))
     return rep
 
 
 def loo_report_stage(profile: str, overrides: Sequence[str], dataset: str, reports: Sequence[str],
                      out_dir: str, markdown: str, parent_run_id: str = "",
                      metrics: MetricsSink | None = None) -> dict[str, Any]:
-    from psamf.personalized import loo_report
+    from psamf.personalized import tracked_loo_report
 
     cfg = stage_config(profile, overrides, dataset, parent_run_id)
     files = [Path(p) for p in reports if json.loads(Path(p).read_text() or "{}")]  # drop skipped slots
-    summary = loo_report(cfg, report_files=files, out_dir=out_dir)
+    summary = tracked_loo_report(cfg, report_files=files, out_dir=out_dir)
     shutil.copyfile(summary["files"]["markdown"], markdown)
     log_metrics(metrics, {f"{v}_{m}": x for v, ms in summary["averages"].items() for m, x in ms.items()})
     return summary
@@ -173,6 +208,11 @@ def tune_stage(profile: str, overrides: Sequence[str], dataset: str, personality
     storage = os.environ.get("PSAMF_OPTUNA_STORAGE")
     extra = [f"psamf.personality_encoder={personality}", f"tune.out_dir={Path(best_params).parent / 'tune'}"]
     cfg = stage_config(profile, overrides, dataset, parent_run_id, extra + ([f"tune.storage={storage}"] if storage else []))
+    if parent_run_id:
+        # One study per pipeline run: a shared storage (PostgreSQL) must not hand this run the
+        # finished trials of an earlier run on other data. A retried task resumes its own study.
+        cfg = dataclasses.replace(cfg, tune=dataclasses.replace(
+            cfg.tune, study_name=f"{cfg.tune.study_name}-{parent_run_id[:12]}"))
     result = tune(cfg)
     shutil.copyfile(report_dir(cfg) / "best_params.json", best_params)
     log_metrics(metrics, {"best_valid_mae": result.get("best_value")})

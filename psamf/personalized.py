@@ -229,15 +229,20 @@ def finetune(cfg: Config, user: str, write: bool = True) -> dict[str, Any]:
               "k_shot": fc.k_shot, "draws": fc.draws, "stratified": fc.stratified, "kd_lambda": fc.kd_lambda,
               "n_segments": int(len(idx)), "summary": summary, "paired": paired, "per_draw": draws}
     if write:
-        path = write_json(Path(fc.out_dir) / cfg.data.corpus / f"{user}.json", report)
-        with tracking.stage_run(cfg, "finetune", f"finetune[{user}]",
-                                {"loo_user": user, "av_simulated": ds.av_simulated, "text_features": source}):
-            for r, d in enumerate(draws):  # per draw, with step = draw index
-                tracking.log_metrics({f"{v}_{k}": d[v][k] for v in VARIANTS for k in ("mae", "non0_acc2")}, step=r)
-            tracking.log_metrics({f"{v}_{k}_mean": summary[v][k]["mean"] for v in VARIANTS for k in summary[v]})
-            tracking.log_metrics({f"{k}_mean": d["mean"] for k, d in paired.items()})
-            tracking.log_artifact(path, "loo")
+        log_finetune_run(cfg, report, write_json(Path(fc.out_dir) / cfg.data.corpus / f"{user}.json", report))
     return report
+
+
+def log_finetune_run(cfg: Config, report: dict[str, Any], path: str | Path) -> None:
+    """The user's `finetune` MLflow run: per-draw metrics (step = draw), means, the report file."""
+    user, summary = report["user"], report["summary"]
+    with tracking.stage_run(cfg, "finetune", f"finetune[{user}]", {"loo_user": user, "av_simulated":
+                            report["av_simulated"], "text_features": report["text_features"]}):
+        for r, d in enumerate(report["per_draw"]):
+            tracking.log_metrics({f"{v}_{k}": d[v][k] for v in VARIANTS for k in ("mae", "non0_acc2")}, step=r)
+        tracking.log_metrics({f"{v}_{k}_mean": summary[v][k]["mean"] for v in VARIANTS for k in summary[v]})
+        tracking.log_metrics({f"{k}_mean": d["mean"] for k, d in report["paired"].items()})
+        tracking.log_artifact(path, "loo")
 
 
 # ---- the LOO experiment ------------------------------------------------------------------------
@@ -262,11 +267,26 @@ def loo(cfg: Config, users: list[str] | None = None, on_user=None) -> dict[str, 
             if on_user:
                 on_user(u, pre, fin)
         summary = loo_report(cfg, users)
-        tracking.set_tags({"av_simulated": summary["av_simulated"]})
-        tracking.log_metrics({f"{v}_{m}": x for v, ms in summary["averages"].items() for m, x in ms.items()})
-        for f in summary["files"].values():
-            tracking.log_artifact(f, "loo_report")
+        log_loo_summary(summary)
         return summary
+
+
+def tracked_loo_report(cfg: Config, report_files: list[Path] | None = None,
+                       out_dir: str | Path | None = None) -> dict[str, Any]:
+    """`loo_report` in its own `loo` stage run (the DVC and KFP report stages)."""
+    with tracking.stage_run(cfg, "loo", "loo-report"):
+        summary = loo_report(cfg, report_files=report_files, out_dir=out_dir)
+        log_loo_summary(summary)
+    return summary
+
+
+def log_loo_summary(summary: dict[str, Any]) -> None:
+    """The LOO averages and report files (tables, chart) into the active MLflow run."""
+    tracking.set_tags({"av_simulated": summary["av_simulated"]})
+    tracking.log_metrics({f"{v}_{m}": x for v, ms in summary["averages"].items() for m, x in ms.items()})
+    tracking.log_metrics({"kd_mae_gain": summary["kd_mae_gain"]["mean"]})
+    for f in summary["files"].values():
+        tracking.log_artifact(f, "loo_report")
 
 
 def user_at_rank(cfg: Config, rank: int) -> str | None:

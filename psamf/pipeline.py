@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 from psamf import __version__
 
 PIPELINE_NAME = "psamf-training"
+LOCAL_LOOP_WORKERS = 2  # kfp.local's cap on concurrent ParallelFor iterations (2.17)
 
 
 def _pipeline():
@@ -54,8 +56,12 @@ def run_local(profile: str, overrides: Sequence[str], pipeline_root: str | Path 
     """Run the whole DAG locally; returns the wall time and the task outputs' root."""
     from kfp import local
 
+    from psamf.orchestration import LOOP_THREADS_ENV
+
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    # kfp.local runs up to LOCAL_LOOP_WORKERS ParallelFor iterations at once: share the cores.
+    os.environ.setdefault(LOOP_THREADS_ENV, str(max(1, (os.cpu_count() or 1) // LOCAL_LOOP_WORKERS)))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     t0 = time.perf_counter()
     _pipeline()(**pipeline_arguments(profile, overrides, run_name="kfp-local", force=force))

@@ -32,7 +32,7 @@ def _tasks(spec: dict) -> dict:
 def test_dag_order(compiled):
     spec, _ = compiled
     tasks = _tasks(spec)
-    for name in ("start-run", "ingest", "validate", "personality", "pretrain", "finetune", "loo-report",
+    for name in ("decide", "start-run", "ingest", "validate", "personality", "pretrain", "finetune", "loo-report",
                  "tune", "train", "register"):
         assert name in tasks, name
 
@@ -52,9 +52,16 @@ def test_dag_order(compiled):
     assert loop in deps("loo-report")
     assert {"personality"} <= deps("tune") and "tune" in deps("train")
     assert "train" in deps("register") and "loo-report" in deps("register")
-    # Everything after start_run sits inside the skip-if-unchanged condition.
+    # The stages run in a nested pipeline fed the parent run id by start_run: inside it (and so
+    # inside the loop) the id is a component input, which kfp.local resolves (see pipelines/training.py).
+    assert "start-run" in deps("psamf-train-and-register")
+    loop_body = spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"]
+    assert "componentInputParameter" in loop_body["pretrain"]["inputs"]["parameters"]["parent_run_id"]
+    # Everything after `decide` sits inside the skip-if-unchanged condition, which reads decide's
+    # single output (kfp.local cannot resolve a named output there and would skip the branch).
     cond = [t for t in tasks.values() if "triggerPolicy" in t]
-    assert cond and "decision" in str(cond[0]["triggerPolicy"]["condition"])
+    assert len(cond) == 1 and "decide-Output" in str(cond[0]["triggerPolicy"]["condition"])
+    assert "decide" in deps(next(n for n, t in tasks.items() if "triggerPolicy" in t))
 
 
 def test_parallel_for_over_rank_slots(compiled):
@@ -100,27 +107,28 @@ def test_retries_and_caching(compiled):
     spec, _ = compiled
     tasks = _tasks(spec)
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
-    assert tasks["start-run"]["cachingOptions"] == {}  # the skip decision is never cached
+    assert tasks["decide"]["cachingOptions"] == {}  # the skip decision is never cached
+    assert tasks["start-run"]["cachingOptions"] == {}  # nor the parent run
     assert tasks["pretrain"]["cachingOptions"]["enableCache"] is True
 
 
 def test_skip_when_data_and_code_unchanged(smoke_cfg, monkeypatch, tmp_path):
     import mlflow
 
-    from psamf.orchestration import finish_pipeline_run, start_pipeline_run
+    from psamf.orchestration import finish_pipeline_run, retrain_decision, start_pipeline_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
-    first, decision = start_pipeline_run("smoke", [], "a", force=False)
-    assert decision == "run"
-    again, decision = start_pipeline_run("smoke", [], "b", force=False)
-    assert decision == "run"  # the first one never completed, so nothing to skip against
+    assert retrain_decision("smoke", [], "a", force=False) == "run"
+    first = start_pipeline_run("smoke", [], "a")
+    assert retrain_decision("smoke", [], "b", force=False) == "run"  # `first` never completed: nothing to skip against
     finish_pipeline_run(smoke_cfg, first)
-    skipped, decision = start_pipeline_run("smoke", [], "c", force=False)
-    assert decision == "skip"
-    tags = mlflow.MlflowClient().get_run(skipped).data.tags
-    assert tags["skipped"] == "true" and "unchanged" in tags["decision_reason"]
-    assert start_pipeline_run("smoke", [], "d", force=True)[1] == "run"
-    assert start_pipeline_run("smoke", ["mult.d_model=8"], "e", force=False)[1] == "run"
+    assert retrain_decision("smoke", [], "c", force=False) == "skip"
+    client = mlflow.MlflowClient()
+    skipped = client.search_runs([client.get_run(first).info.experiment_id], "tags.skipped = 'true'")
+    assert len(skipped) == 1 and "unchanged" in skipped[0].data.tags["decision_reason"]
+    assert skipped[0].data.tags["pipeline_fingerprint"] == client.get_run(first).data.tags["pipeline_fingerprint"]
+    assert retrain_decision("smoke", [], "d", force=True) == "run"
+    assert retrain_decision("smoke", ["mult.d_model=8"], "e", force=False) == "run"
 
 
 def test_dvc_stages_mirror_the_pipeline():
