@@ -163,6 +163,8 @@ class PsamfConfig:
     fusion_dim: int | None = None
     symmetric_cl: bool = False
     sim_weight: str = "affine"
+    prefusion_text: str = "tokens"
+    av_gate: bool = True
 
 
 @dataclass
@@ -313,6 +315,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise InputError("params", f"{key} must be true/false, got {value!r}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-3` (no dot) as a string; a float key takes what float() takes.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is str and isinstance(value, str):

@@ -35,11 +35,13 @@ def test_overrides_reach_any_key_and_are_typed():
     assert cfg.synth.split == [0.5, 0.25, 0.25] and cfg.data.mosi_dir == "/x"
     assert load_config("params.yaml", None, ["profile=smoke"]).profile == "smoke"
     assert load_config("params.yaml", None, ["pretrain.lr=1"]).pretrain.lr == 1.0  # int -> float
+    assert load_config("params.yaml", None, ["train.lr_head=3e-3"]).train.lr_head == 0.003  # YAML 1.1 str
 
 
 @pytest.mark.parametrize("override, message", [
     ("mult.nope=1", "unknown key(s) mult.nope"),
     ("mult.d_model=abc", "mult.d_model must be int"),
+    ("train.lr=fast", "train.lr must be float"),
     ("mult.causal_mask=1", "mult.causal_mask must be true/false"),
     ("novalue", "is not KEY=VALUE"),
 ])

@@ -168,13 +168,16 @@ def test_lstm_is_invariant_to_padding_side():
 
 # ---------------------------------------------------------------------------- model
 
-def test_shapes_and_finite_losses():
-    model = make_model()
-    out = model(make_batch())
+@pytest.mark.parametrize("prefusion_text", ["cls", "tokens"])
+def test_shapes_and_finite_losses(prefusion_text):
+    model = make_model(prefusion_text=prefusion_text)
+    batch = make_batch()
+    out = model(batch)
     assert out.pred.shape == (B,)
     assert out["pred"] is out.pred
     assert out.cls_s.shape == out.m_s.shape == out.cls_p.shape == (B, 32)
-    assert out.fused.shape == (B, 1 + TV + TA, 32) and out.fused_mask.shape == (B, 1 + TV + TA)
+    n_text = 1 if prefusion_text == "cls" else batch["input_ids"].shape[1]  # [CLS_s, ...] or [H_s, ...]
+    assert out.fused.shape == (B, n_text + TV + TA, 32) and out.fused_mask.shape == (B, n_text + TV + TA)
     losses = out.losses()
     assert set(losses) == {"total", "l1", "align", "cl", "ccl", "ps", "clm"}
     assert all(math.isfinite(v) for v in losses.values())
@@ -254,14 +257,36 @@ def test_ablations_run_and_zero_their_terms(ablation):
     assert model.text.model.encoder.layer[-1].output.dense.weight.grad.abs().sum() > 0
 
 
-def test_prefusion_sees_audio_visual_but_no_prefusion_does_not():
+@pytest.mark.parametrize("prefusion_text", ["cls", "tokens"])
+def test_prefusion_sees_audio_visual_but_no_prefusion_does_not(prefusion_text):
     batch, other = make_batch(), make_batch()
     other["visual"] = other["visual"] + 1.0
     for ablation, changes in [("none", True), ("no_prefusion", False)]:
-        model = make_model(ablation=ablation).eval()
+        model = make_model(ablation=ablation, av_gate=False, prefusion_text=prefusion_text).eval()
         with torch.no_grad():
             a, b = model(batch).m_s, model(other).m_s
         assert (not torch.allclose(a, b)) == changes, ablation
+
+
+def test_av_gate_starts_closed_opens_by_learning():
+    batch, other = make_batch(), make_batch()
+    other["visual"] = other["visual"] + 1.0
+    model = make_model(av_gate=True).eval()
+    with torch.no_grad():  # at init the upper layers see the text alone: AV values do not matter
+        torch.testing.assert_close(model(batch).m_s, model(other).m_s)
+    model.train()
+    model(batch).total.backward()
+    assert model.tok_v.gate.grad is not None and model.tok_v.gate.grad.abs() > 0  # and it can open
+    with torch.no_grad():
+        model.tok_v.gate.fill_(0.5)
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(batch).m_s, model(other).m_s)
+
+
+def test_unknown_prefusion_text_is_refused():
+    with pytest.raises(ValueError, match="prefusion_text"):
+        make_model(prefusion_text="words")
 
 
 def test_padding_does_not_leak():
