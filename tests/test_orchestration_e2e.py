@@ -1,0 +1,119 @@
+"""The whole pipeline, end to end on the smoke profile, through both orchestrators:
+
+- kfp.local (SubprocessRunner, the README's main command on another profile): every stage runs,
+  every stage's MLflow run nests under one pipeline run, and it ends with a champion; a second,
+  scheduled-style run (force=False) with unchanged data and code is skipped and says so.
+- `dvc repro` in a throwaway copy of the repo: the same stages run through the CLI, the LOO
+  metrics are where `dvc metrics show` finds them, and a second `dvc repro` does nothing.
+
+Each runs in its own temp dir: nothing lands in the checkout.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.pipeline import BIN, REPO, copy_worktree, env_for
+
+pytestmark = pytest.mark.slow
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**env_for(tmp), "PSAMF_TRACKING": "on"}
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def _runs(tmp: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlruns.db")
+    exp = client.get_experiment_by_name("psamf")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
+    env = {**_env(tmp_path), "PSAMF_PARAMS": str(REPO / "params.yaml")}
+    _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
+         tmp_path, env)
+
+    client, runs = _runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 1, [r.data.tags for r in parents]
+    parent = parents[0].info.run_id
+    assert client.get_run(parent).data.tags["completed"] == "true"  # register marked it done
+    stages = {}
+    for r in runs:
+        stages.setdefault(r.data.tags.get("stage"), []).append(r)
+    for stage, n in {"ingest": 1, "validate": 1, "personality": 1, "pretrain": 2, "finetune": 2, "loo": 1,
+                     "tune": 1, "register": 1}.items():
+        got = stages.get(stage, [])
+        assert len(got) == n, (stage, len(got))
+        assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in got), stage  # nested in the pipeline
+    trials = stages.get("tune-trial", [])
+    assert len(trials) == 2 and {t.data.tags["mlflow.parentRunId"] for t in trials} == {stages["tune"][0].info.run_id}
+    # the LOO report went to MLflow: averages + tables + chart
+    loo = stages["loo"][0]
+    assert "fs_ua_kd_MAE" in loo.data.metrics
+    arts = {a.path for a in client.list_artifacts(loo.info.run_id, "loo_report")}
+    assert {"loo_report/loo_chart.png", "loo_report/loo_table.csv"} <= arts
+
+    champ = client.get_model_version_by_alias("psamf-psamf", "champion")
+    assert str(champ.version) == "1" and champ.tags["gate.verdict"] == "first"
+
+    # A scheduled run (force=False) with the same data and code skips retraining, in MLflow too.
+    from psamf.pipeline import _pipeline, pipeline_arguments
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp2"))
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        os.chdir(tmp_path)
+        _pipeline()(**pipeline_arguments("smoke", [], run_name="scheduled", force=False))
+    finally:
+        os.chdir(REPO)
+        os.environ.clear()
+        os.environ.update(old)
+    client, runs = _runs(tmp_path)
+    skipped = [r for r in runs if r.data.tags.get("skipped") == "true"]
+    assert len(skipped) == 1 and "unchanged" in skipped[0].data.tags["decision_reason"]
+    assert len([r for r in runs if r.data.tags.get("stage") == "ingest"]) == 1  # nothing retrained
+    assert len(client.search_model_versions("name = 'psamf-psamf'")) == 1
+
+
+def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_worktree(repo)
+    env = {**_env(tmp_path), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("\nprofile: demo\n", "\nprofile: smoke\n", 1))
+    _run(["git", "init", "-q"], repo, env)
+    # The smoke corpus is not the one data.dvc records: track it the way a team switches data.
+    _run([str(BIN / "psamf"), "data", "synth"], repo, env)
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "add", "-q", "data/raw"], repo, env)
+
+    first = _run([*dvc, "repro"], repo, env, timeout=1200)
+    for stage in ("ingest", "validate", "personality", "pretrain@0", "finetune@1", "loo_report", "tune",
+                  "train", "register"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    assert (repo / "reports/register/psamf.json").is_file()
+    metrics = _run([*dvc, "metrics", "show", "--json"], repo, env).stdout
+    assert "fs_ua_kd.MAE" in metrics and "kd_mae_gain" in metrics
+
+    second = _run([*dvc, "repro"], repo, env)
+    assert "Running stage" not in second.stdout, second.stdout
+    assert "up to date" in second.stdout.lower()
+    status = _run([*dvc, "status"], repo, env).stdout
+    assert "up to date" in status.lower(), status
