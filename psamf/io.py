@@ -1,4 +1,5 @@
-"""Atomic outputs: a reader sees the old file/dir or the new one, never half of either."""
+"""Atomic outputs (a reader sees the old file/dir or the new one, never half of either), and JSON
+inputs read with one-line errors that name the file."""
 from __future__ import annotations
 
 import contextlib
@@ -66,3 +67,16 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def read_json(path: str | Path, missing: str = "file not found") -> Any:
+    """The parsed JSON file; an InputError naming it when it is absent (`missing`) or not JSON."""
+    from psamf.errors import InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, missing)
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise InputError(p, f"not valid JSON ({e})") from None

@@ -222,8 +222,9 @@ def tune_stage(profile: str, overrides: Sequence[str], dataset: str, personality
 def train_stage(profile: str, overrides: Sequence[str], dataset: str, personality: str, best_params: str,
                 model: str, parent_run_id: str = "", metrics: MetricsSink | None = None) -> dict[str, Any]:
     from psamf.psamf_train import train_psamf
+    from psamf.tune import best_params_overrides
 
-    best = [f"{k}={json.dumps(v)}" for k, v in json.loads(Path(best_params).read_text()).items()]
+    best = best_params_overrides(best_params)
     cfg = stage_config(profile, overrides, dataset, parent_run_id,
                        [f"psamf.personality_encoder={personality}", *best])
     result = train_psamf(cfg, out_dir=model)

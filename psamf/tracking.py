@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 PARENT_ENV = "PSAMF_PARENT_RUN_ID"
 
 
+# A new sqlite store announces its schema migration at INFO on stderr; a CLI error must stay one
+# line, and a user has no use for those lines anyway.
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 def enabled() -> bool:
     return os.environ.get("PSAMF_TRACKING", "on").lower() not in ("off", "0", "false")
 

@@ -813,15 +813,10 @@ def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) ->
 
 def load_best_params(path: str | Path) -> dict[str, Any]:
     """A best_params.json (dotted config keys -> values), checked to be a flat mapping."""
-    import json
+    from psamf.io import read_json
 
     p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "best-params file not found; run `psamf tune` first")
-    try:
-        data = json.loads(p.read_text())
-    except ValueError as e:
-        raise InputError(p, f"not valid JSON ({e})") from None
+    data = read_json(p, "best-params file not found; run `psamf tune` first")
     if not isinstance(data, dict) or not all(isinstance(k, str) and "." in k for k in data):
         raise InputError(p, 'must be a JSON object of dotted config keys, e.g. {"psamf.tau": 0.1}')
     bad = [k for k, v in data.items() if isinstance(v, (dict, list))]

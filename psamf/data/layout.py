@@ -11,11 +11,10 @@ Both corpora use the same roles, so ingest reads them the same way:
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from psamf.errors import InputError
-from psamf.io import atomic_path
+from psamf.io import atomic_path, read_json
 
 PREFIX = {"mosi": "CMU_MOSI", "synthetic": "PSAMF_SYNTH"}
 ROLES = {"labels": "Opinion_Labels", "audio": "COVAREP", "visual": "Visual_Facet_41"}
@@ -49,12 +48,7 @@ def read_transcripts(path: Path) -> dict[str, str]:
 
 
 def read_folds(path: Path) -> dict[str, list[str]]:
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        folds = json.loads(path.read_text())
-    except ValueError as e:
-        raise InputError(path, f"not valid JSON ({e})") from None
+    folds = read_json(path)
     if "dev" in folds and "valid" not in folds:  # some SDK dumps say dev
         folds["valid"] = folds.pop("dev")
     for split in ("train", "valid", "test"):
