@@ -175,7 +175,7 @@ def finetune_stage(profile: str, overrides: Sequence[str], dataset: str, rank: i
                    report: str, parent_run_id: str = "") -> dict[str, Any] | None:
     """Writes the user's finetune report JSON to `report` (an empty JSON object for a skipped slot)."""
     from psamf.io import write_json
-    from psamf.personalized import finetune, log_finetune_run, user_at_rank
+    from psamf.personalized import finetune, user_at_rank
 
     share_cores_in_loop()
     cfg = stage_config(profile, overrides, dataset, parent_run_id, [f"pretrain.out_dir={pretrained}"])
@@ -183,9 +183,7 @@ def finetune_stage(profile: str, overrides: Sequence[str], dataset: str, rank: i
     if user is None:
         write_json(report, {})
         return None
-    rep = finetune(cfg, user, write=False)
-    log_finetune_run(cfg, rep, write_json(report, rep))
-    return rep
+    return finetune(cfg, user, report_path=report)
 
 
 def loo_report_stage(profile: str, overrides: Sequence[str], dataset: str, reports: Sequence[str],

@@ -195,8 +195,28 @@ def _finetune_copy(base: MulT, vocab: UserVocab, user: str, cfg: Config, support
     return model.eval(), row
 
 
-def finetune(cfg: Config, user: str, write: bool = True) -> dict[str, Any]:
-    """baseline / FS-UA / FS-UA-KD on R seeded support draws for one held-out user."""
+def finetune(cfg: Config, user: str, write: bool = True, report_path: str | Path | None = None) -> dict[str, Any]:
+    """baseline / FS-UA / FS-UA-KD on R seeded support draws for one held-out user.
+
+    One `finetune` MLflow run spans the work (its duration is the stage's compute): per-draw
+    metrics with step = draw, the means, and the report JSON, written to `report_path` (default
+    <finetune.out_dir>/<corpus>/<user>.json; nothing is written with write=False)."""
+    fc = cfg.finetune
+    with tracking.stage_run(cfg, "finetune", f"finetune[{user}]", {"loo_user": user}):
+        report = _finetune_draws(cfg, user)
+        tracking.set_tags({"av_simulated": report["av_simulated"], "text_features": report["text_features"]})
+        for r, d in enumerate(report["per_draw"]):
+            tracking.log_metrics({f"{v}_{k}": d[v][k] for v in VARIANTS for k in ("mae", "non0_acc2")}, step=r)
+        tracking.log_metrics({f"{v}_{k}_mean": report["summary"][v][k]["mean"] for v in VARIANTS
+                              for k in report["summary"][v]})
+        tracking.log_metrics({f"{k}_mean": d["mean"] for k, d in report["paired"].items()})
+        if write or report_path is not None:
+            path = write_json(report_path or Path(fc.out_dir) / cfg.data.corpus / f"{user}.json", report)
+            tracking.log_artifact(path, "loo")
+    return report
+
+
+def _finetune_draws(cfg: Config, user: str) -> dict[str, Any]:
     fc = cfg.finetune
     ds, tensors, source = mult_inputs(cfg)
     _check_user(ds, user)
@@ -225,24 +245,9 @@ def finetune(cfg: Config, user: str, write: bool = True) -> dict[str, Any]:
     summary = {v: {k: mean_ci([d[v][k] for d in draws]) for k in draws[0][v]} for v in VARIANTS}
     paired = {f"{v}_vs_baseline_mae": paired_diff([d["baseline"]["mae"] for d in draws], [d[v]["mae"] for d in draws])
               for v in ("fs_ua", "fs_ua_kd")}
-    report = {"user": user, "corpus": cfg.data.corpus, "av_simulated": ds.av_simulated, "text_features": source,
-              "k_shot": fc.k_shot, "draws": fc.draws, "stratified": fc.stratified, "kd_lambda": fc.kd_lambda,
-              "n_segments": int(len(idx)), "summary": summary, "paired": paired, "per_draw": draws}
-    if write:
-        log_finetune_run(cfg, report, write_json(Path(fc.out_dir) / cfg.data.corpus / f"{user}.json", report))
-    return report
-
-
-def log_finetune_run(cfg: Config, report: dict[str, Any], path: str | Path) -> None:
-    """The user's `finetune` MLflow run: per-draw metrics (step = draw), means, the report file."""
-    user, summary = report["user"], report["summary"]
-    with tracking.stage_run(cfg, "finetune", f"finetune[{user}]", {"loo_user": user, "av_simulated":
-                            report["av_simulated"], "text_features": report["text_features"]}):
-        for r, d in enumerate(report["per_draw"]):
-            tracking.log_metrics({f"{v}_{k}": d[v][k] for v in VARIANTS for k in ("mae", "non0_acc2")}, step=r)
-        tracking.log_metrics({f"{v}_{k}_mean": summary[v][k]["mean"] for v in VARIANTS for k in summary[v]})
-        tracking.log_metrics({f"{k}_mean": d["mean"] for k, d in report["paired"].items()})
-        tracking.log_artifact(path, "loo")
+    return {"user": user, "corpus": cfg.data.corpus, "av_simulated": ds.av_simulated, "text_features": source,
+            "k_shot": fc.k_shot, "draws": fc.draws, "stratified": fc.stratified, "kd_lambda": fc.kd_lambda,
+            "n_segments": int(len(idx)), "summary": summary, "paired": paired, "per_draw": draws}
 
 
 # ---- the LOO experiment ------------------------------------------------------------------------
