@@ -70,11 +70,10 @@ def start_pipeline_run(profile: str, overrides: Sequence[str], name: str) -> str
 
     It carries the run's fingerprint; `finish_pipeline_run` marks it completed at the end."""
     from psamf import tracking
-    from psamf.pipeline import code_version, run_fingerprint
+    from psamf.pipeline import pipeline_fingerprint
 
     cfg = stage_config(profile, overrides)
-    fp = run_fingerprint(cfg.profile, overrides, tracking.data_hash(), code_version())
-    tags = {"pipeline_fingerprint": fp, "skipped": False, "decision_reason": "", "completed": False}
+    tags = {"pipeline_fingerprint": pipeline_fingerprint(cfg, overrides), "skipped": False, "decision_reason": "", "completed": False}
     with tracking.stage_run(cfg, "pipeline", name, tags) as run:
         return run.info.run_id or ""
 

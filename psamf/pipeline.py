@@ -113,6 +113,13 @@ def code_version() -> str:
     return commit if commit != "unknown" else f"psamf-{__version__}"
 
 
+def pipeline_fingerprint(cfg, overrides: Sequence[str]) -> str:
+    """What a pipeline run is of: profile, overrides, the data hash and the code version."""
+    from psamf import tracking
+
+    return run_fingerprint(cfg.profile, overrides, tracking.data_hash(), code_version())
+
+
 def should_run(cfg, overrides: Sequence[str], force: bool) -> tuple[bool, str, str]:
     """(run?, reason, fingerprint): skip if a completed pipeline run has the same fingerprint.
 
@@ -122,7 +129,7 @@ def should_run(cfg, overrides: Sequence[str], force: bool) -> tuple[bool, str, s
 
     from psamf import tracking
 
-    fp = run_fingerprint(cfg.profile, overrides, tracking.data_hash(), code_version())
+    fp = pipeline_fingerprint(cfg, overrides)
     if force:
         return True, "forced", fp
     if not tracking.enabled():
