@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.pipeline import BIN, REPO, copy_worktree, env_for
+from bench.pipeline import BIN, REPO, env_for, prepare_dvc_repo
 
 pytestmark = pytest.mark.slow
 
@@ -92,17 +92,10 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
 
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_worktree(repo)
-    env = {**_env(tmp_path), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("\nprofile: demo\n", "\nprofile: smoke\n", 1))
-    _run(["git", "init", "-q"], repo, env)
-    # The smoke corpus is not the one data.dvc records: track it the way a team switches data.
-    _run([str(BIN / "psamf"), "data", "synth"], repo, env)
+    env = _env(tmp_path)
+    # copy of the checkout on the smoke profile, smoke corpus built and `dvc add`ed
+    prepare_dvc_repo(repo, "smoke", lambda cmd, cwd: _run(cmd, cwd, env))
     dvc = [sys.executable, "-m", "dvc"]
-    _run([*dvc, "add", "-q", "data/raw"], repo, env)
 
     first = _run([*dvc, "repro"], repo, env, timeout=1200)
     for stage in ("ingest", "validate", "personality", "pretrain@0", "finetune@1", "loo_report", "tune",
