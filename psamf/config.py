@@ -198,6 +198,7 @@ class TuneConfig:
     n_startup_trials: int = 4
     pruner_startup_trials: int = 2
     pruner_warmup_steps: int = 0
+    epoch_budget: int | None = None
     heartbeat_interval: int | None = 60
     grace_period: int | None = None
     max_retry: int | None = 2

@@ -26,6 +26,12 @@ study are created once, before any worker runs (concurrent creation races on Pos
 CREATE TYPE); workers open the storage with skip_table_creation, and create_study itself retries
 when it loses that race to another creator.
 
+tune.epoch_budget (null = none) caps the training epochs of the whole study: a worker starts a
+trial only while the epochs already run (finished trials) plus those reserved by running ones
+(tune.epochs each) leave room for all tune.epochs of a new one. With a pruner the study can then
+run more, mostly short, trials in the epochs an unpruned search spends on tune.n_trials; the study
+ends at whichever limit comes first (bench/psamf.py compares searches that way).
+
 Exactly tune.n_trials trials finish (COMPLETE + PRUNED), however many workers share the study:
 each worker takes a storage-wide lock (pg_advisory_lock on PostgreSQL, a flock for a sqlite
 file), counts finished + running trials, and only then asks for a new trial; the lock is
@@ -279,6 +285,8 @@ def check_tune_config(cfg: Config) -> None:
         v = getattr(tc, key)
         if v is not None and v < 1:
             raise InputError(f"tune.{key}", f"must be >= 1 (seconds) or null, got {v}")
+    if tc.epoch_budget is not None and tc.epoch_budget < tc.epochs:
+        raise InputError("tune.epoch_budget", f"must be >= tune.epochs ({tc.epochs}) or null, got {tc.epoch_budget}")
     if tc.max_retry is not None and tc.max_retry < 0:
         raise InputError("tune.max_retry", f"must be >= 0 or null, got {tc.max_retry}")
 
@@ -372,6 +380,7 @@ class Objective:
         if inherited is None:
             shutil.rmtree(out, ignore_errors=True)  # a fresh trial never resumes someone else's run
         trial.set_user_attr("trial_key", key)
+        trial.set_user_attr("epochs_reserved", cfg.tune.epochs)
         trial.set_user_attr("worker", _worker_id())
         trial.set_user_attr("worker_pid", os.getpid())
         trial.set_user_attr("out_dir", str(out))
@@ -490,6 +499,35 @@ def _counts(study) -> dict[str, int]:
     return out
 
 
+def epochs_spent(study, *, running: bool = True) -> int:
+    """Training epochs the study has used: finished trials' epochs_run, plus (running=True)
+    tune.epochs reserved by each running trial, which may still use them all."""
+    from optuna.trial import TrialState
+
+    spent = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.RUNNING and running:
+            spent += int(t.user_attrs.get("epochs_reserved", 0))
+        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            spent += int(t.user_attrs.get("epochs_run", len(t.intermediate_values)))
+    return spent
+
+
+def budget_allows_trial(study, cfg: Config, *, running: bool = True) -> bool:
+    """tune.epoch_budget: a trial may start only if all its tune.epochs fit in what is left.
+    running=False ignores running trials' reservations (they may end early, freeing epochs)."""
+    budget = cfg.tune.epoch_budget
+    return budget is None or epochs_spent(study, running=running) + cfg.tune.epochs <= budget
+
+
+def study_finished(study, cfg: Config) -> bool:
+    """tune.n_trials finished trials, or an epoch budget with no room left and nothing running."""
+    c = _counts(study)
+    if c["COMPLETE"] + c["PRUNED"] >= cfg.tune.n_trials:
+        return True
+    return c["RUNNING"] == 0 and not budget_allows_trial(study, cfg, running=False)
+
+
 def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=None) -> dict[str, Any]:
     """Run trials until the study has tune.n_trials finished (COMPLETE + PRUNED) trials.
 
@@ -519,12 +557,12 @@ def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=No
                     optuna.storages.fail_stale_trials(study)  # also what optimize does before each ask
                 c = _counts(study)
                 done = c["COMPLETE"] + c["PRUNED"]
-                if done >= n:
+                if done >= n or not budget_allows_trial(study, cfg, running=False):
                     break
-                if done + c["RUNNING"] >= n:
-                    # Every remaining trial is running elsewhere. Without a heartbeat a dead worker's
-                    # trial would stay RUNNING forever, so leave; with one, wait: it either finishes
-                    # or goes stale and is re-queued for us.
+                if done + c["RUNNING"] >= n or not budget_allows_trial(study, cfg):
+                    # Every remaining trial (or epoch) is running elsewhere. Without a heartbeat a
+                    # dead worker's trial would stay RUNNING forever, so leave; with one, wait: it
+                    # either finishes or goes stale and is re-queued for us.
                     if not heartbeat:
                         break
                     lock.release()
@@ -645,7 +683,7 @@ def tune(cfg: Config, workers: int | None = None, *, join: bool = False) -> dict
         wall = round(time.perf_counter() - t0, 2)
         if join:
             return {"joined": cfg.tune.study_name, "workers": results, "trials_by_state": c, "wall_s": wall}
-        if done < cfg.tune.n_trials:
+        if not study_finished(study, cfg):
             bad = [r for r in results if r["exit_code"] != 0]
             tail = _log_tail(bad[-1]["log"]) if bad and "log" in bad[-1] else ""
             raise RuntimeError(f"tune: the study has {done} of {cfg.tune.n_trials} finished trials after all "
@@ -769,7 +807,7 @@ def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) ->
         "study_name": cfg.tune.study_name, "storage": redact(storage_url(cfg)), "direction": "minimize",
         "objective": "valid MAE at the best epoch (PSA-MF, ablation: %s)" % cfg.psamf.ablation,
         "n_trials": cfg.tune.n_trials, "n_trials_in_study": len(trials), "trials_by_state": by_state,
-        "complete": finished >= cfg.tune.n_trials,
+        "complete": study_finished(study, cfg), "epoch_budget": cfg.tune.epoch_budget,
         "best_value": best.value if best else None, "best_trial": best.number if best else None,
         "best_params": best_params, "pruned": by_state["PRUNED"],
         "epochs_total": sum(r["epochs"] for r in rows),
@@ -800,7 +838,8 @@ def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) ->
           provenance(cfg.data.corpus, bool(av)), "",
           f"Objective: {summary['objective']}, minimized. {finished}/{cfg.tune.n_trials} finished trials; "
           f"states: {', '.join(f'{k} {v}' for k, v in by_state.items() if v)}. "
-          f"Epochs run: {summary['epochs_total']} (unpruned: {summary['epochs_if_unpruned']}).", ""]
+          f"Epochs run: {summary['epochs_total']} (unpruned: {summary['epochs_if_unpruned']})"
+          + (f" of a budget of {cfg.tune.epoch_budget}." if cfg.tune.epoch_budget else "."), ""]
     if best:
         md += [f"Best: trial {best.number}, valid MAE {best.value:.4f}, "
                + ", ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in best_params.items()),

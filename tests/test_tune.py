@@ -151,6 +151,22 @@ def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tm
     assert json.loads((out / "best_params.json").read_text()) == best
 
 
+def test_an_epoch_budget_ends_the_study_before_n_trials(root, tmp_path, monkeypatch):
+    """tune.epoch_budget: trials start only while their tune.epochs fit, and the study counts as
+    finished (report written, no error) with fewer than tune.n_trials trials."""
+    from psamf.tune import tune
+
+    monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
+    cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", f"tune.storage=sqlite:///{tmp_path}/optuna.db",
+                  "tune.n_trials=50", "tune.epochs=2", "tune.epoch_budget=5", "tune.pruner=none",
+                  "train.patience=5")
+    s = tune(cfg)
+    # Unpruned trials run both epochs: 2 + 2 = 4 spent, and a third (4 + 2 > 5) never starts.
+    assert [t["epochs"] for t in s["trials"]] == [2, 2]
+    assert s["complete"] and s["epoch_budget"] == 5 and s["epochs_total"] == 4
+    assert (tmp_path / "tune" / "synthetic" / "best_params.json").is_file()
+
+
 def test_bad_input_is_one_line_input_error(root, tmp_path):
     from typer.testing import CliRunner
 
