@@ -237,9 +237,10 @@ def markdown(res: dict[str, Any]) -> str:
 def write(res: dict[str, Any]) -> Path:
     from psamf.io import write_text
 
-    path = save("psamf", res)
+    name = res.get("result_name", "psamf")
+    path = save(name, res)
     res["machine"] = json.loads(path.read_text())["machine"]
-    write_text(RESULTS / "psamf.md", markdown(res))
+    write_text(RESULTS / f"{name}.md", markdown(res))
     return path
 
 
@@ -257,6 +258,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     ap.add_argument("--ablations", default="all", help="all | none | comma list of " + ",".join(ABLATIONS))
     ap.add_argument("--pruners", default="none,median", help="searches to run, in order")
+    ap.add_argument("--tune-seed", type=int, default=None, help="tune.seed (TPE) for both searches")
+    ap.add_argument("--pruner-warmup-steps", type=int, default=None, help="tune.pruner_warmup_steps")
+    ap.add_argument("--no-main", action="store_true", help="searches only: no main table, no ablations")
+    ap.add_argument("--result-name", default="psamf", help="bench/results/<name>.json and .md")
     ap.add_argument("--personality-clips", type=int, default=800)
     ap.add_argument("--personality-epochs", type=int, default=1)
     ap.add_argument("--personality-max-len", type=int, default=32)
@@ -306,12 +311,17 @@ def main() -> None:
 
     if args.batch_size:
         base.append(f"train.batch_size={args.batch_size}")
+    if args.tune_seed is not None:
+        base.append(f"tune.seed={args.tune_seed}")
+    if args.pruner_warmup_steps is not None:
+        base.append(f"tune.pruner_warmup_steps={args.pruner_warmup_steps}")
 
     def cfg(*extra: str):
         return load_config(args.params, "demo", base + list(extra))
 
     c0 = cfg()
     res: dict[str, Any] = {
+        "result_name": args.result_name,
         "corpus": "mosi", "av_simulated": True, "profile": "demo", "workdir": str(work) if args.workdir else None,
         "settings": {"trials": args.trials, "tune_epochs": args.tune_epochs, "train_epochs": args.train_epochs,
                      "psamf_max_len": args.max_len, "seq_len": args.seq_len, "train_subset": args.train_subset or None,
@@ -320,7 +330,8 @@ def main() -> None:
                      "personality_max_len": args.personality_max_len, "personality_lr": args.personality_lr,
                      "batch_size": c0.train.batch_size, "lr": c0.train.lr, "patience": c0.train.patience,
                      "sampler_seed": c0.tune.seed, "n_startup_trials": c0.tune.n_startup_trials,
-                     "pruner_startup_trials": c0.tune.pruner_startup_trials, "quick": args.quick,
+                     "pruner_startup_trials": c0.tune.pruner_startup_trials,
+                     "pruner_warmup_steps": c0.tune.pruner_warmup_steps, "quick": args.quick,
                      "torch_threads": torch.get_num_threads()},
         "wall_s": {},
     }
@@ -417,6 +428,8 @@ def main() -> None:
                               "the unpruned search's best; 'within half' = that <= 0.5 x the unpruned total"}
             write(res)
 
+        if args.no_main:
+            return
         # Main table + ablations, with the production path's (median) best params when there is one.
         src = "median" if "median" in res["search"] else (pruners[-1] if pruners else None)
         best = res["search"][src]["best_params"] if src else {}

@@ -197,7 +197,7 @@ class TuneConfig:
     seed: int = 0
     n_startup_trials: int = 4
     pruner_startup_trials: int = 2
-    pruner_warmup_steps: int = 0
+    pruner_warmup_steps: int = 1
     epoch_budget: int | None = None
     heartbeat_interval: int | None = 60
     grace_period: int | None = None

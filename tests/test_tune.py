@@ -167,6 +167,26 @@ def test_an_epoch_budget_ends_the_study_before_n_trials(root, tmp_path, monkeypa
     assert (tmp_path / "tune" / "synthetic" / "best_params.json").is_file()
 
 
+@pytest.mark.parametrize("warmup, pruned_at_epoch_0", [(0, True), (1, False)])
+def test_the_median_pruner_waits_tune_pruner_warmup_steps_epochs(warmup, pruned_at_epoch_0):
+    import optuna
+
+    from psamf.tune import make_pruner
+
+    cfg = load_config(REPO / "params.yaml", "smoke", [f"tune.pruner_warmup_steps={warmup}",
+                                                      "tune.pruner_startup_trials=1", "tune.pruner=median"])
+    study = optuna.create_study(pruner=make_pruner(cfg))
+    first = study.ask()
+    first.report(1.0, 0)
+    first.report(0.9, 1)
+    study.tell(first, 0.9)
+    worse = study.ask()
+    worse.report(2.0, 0)  # far worse than the median at epoch 0
+    assert bool(worse.should_prune()) is pruned_at_epoch_0
+    worse.report(2.0, 1)  # and still worse at epoch 1: pruned either way
+    assert worse.should_prune()
+
+
 def test_bad_input_is_one_line_input_error(root, tmp_path):
     from typer.testing import CliRunner
 
