@@ -259,7 +259,8 @@ def main() -> None:
     ap.add_argument("--ablations", default="all", help="all | none | comma list of " + ",".join(ABLATIONS))
     ap.add_argument("--pruners", default="none,median", help="searches to run, in order")
     ap.add_argument("--tune-seed", type=int, default=None, help="tune.seed (TPE) for both searches")
-    ap.add_argument("--pruner-warmup-steps", type=int, default=None, help="tune.pruner_warmup_steps")
+    ap.add_argument("--pruner-warmup-steps", type=int, default=1,
+                    help="tune.pruner_warmup_steps (the params.yaml default; the demo profile's 0 is for its 2 tune epochs)")
     ap.add_argument("--no-main", action="store_true", help="searches only: no main table, no ablations")
     ap.add_argument("--result-name", default="psamf", help="bench/results/<name>.json and .md")
     ap.add_argument("--personality-clips", type=int, default=800)
