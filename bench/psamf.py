@@ -262,6 +262,8 @@ def main() -> None:
     ap.add_argument("--pruner-warmup-steps", type=int, default=1,
                     help="tune.pruner_warmup_steps (the params.yaml default; the demo profile's 0 is for its 2 tune epochs)")
     ap.add_argument("--no-main", action="store_true", help="searches only: no main table, no ablations")
+    ap.add_argument("--best-params", default=None,
+                    help="a best_params.json: skip both searches and train the main table with these params")
     ap.add_argument("--result-name", default="psamf", help="bench/results/<name>.json and .md")
     ap.add_argument("--personality-clips", type=int, default=800)
     ap.add_argument("--personality-epochs", type=int, default=1)
@@ -387,7 +389,7 @@ def main() -> None:
         from psamf.tune import tune
 
         res["search"] = {}
-        pruners = [p for p in args.pruners.split(",") if p]
+        pruners = [] if args.best_params else [p for p in args.pruners.split(",") if p]
         for pruner in pruners:
             t = time.perf_counter()
             limits = [f"tune.n_trials={args.trials}"]
@@ -432,8 +434,13 @@ def main() -> None:
         if args.no_main:
             return
         # Main table + ablations, with the production path's (median) best params when there is one.
-        src = "median" if "median" in res["search"] else (pruners[-1] if pruners else None)
-        best = res["search"][src]["best_params"] if src else {}
+        if args.best_params:
+            from psamf.io import read_json
+
+            src, best = args.best_params, read_json(args.best_params)
+        else:
+            src = "median" if "median" in res["search"] else (pruners[-1] if pruners else None)
+            best = res["search"][src]["best_params"] if src else {}
         res["main_params"] = {"from_search": src, **(best or {})}
         best_sets = [f"{k}={json.dumps(v)}" for k, v in (best or {}).items()]
         from psamf.psamf_train import train_psamf, train_text_baseline
