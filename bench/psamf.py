@@ -146,8 +146,10 @@ def markdown(res: dict[str, Any]) -> str:
              f"(psamf data simulate-av). Text encoder `{s['text_encoder']}`; personality encoder trained on "
              f"real First Impressions v2 but cut down for CPU ({s['personality_clips']} train clips, "
              f"{s['personality_epochs']} epoch(s), max_len {s['personality_max_len']}). "
-             f"PSA-MF/baseline/ablations: {s['train_epochs']} epochs each; search: {s['trials']} trials x "
-             f"{s['tune_epochs']} epochs. Reduced for 2 shared CPU cores: train split "
+             f"PSA-MF/baseline/ablations: {s['train_epochs']} epochs each; "
+             + (f"search: skipped, params from {s['best_params']}. " if s.get("best_params") else
+                f"search: {s['trials']} trials x {s['tune_epochs']} epochs. ")
+             + f"Reduced for 2 shared CPU cores: train split "
              f"{res.get('data', {}).get('train_used', '?')} of {res.get('data', {}).get('splits', {}).get('train', '?')} "
              f"segments (seeded; valid/test whole), train.batch_size {s['batch_size']}, data.seq_len {s['seq_len']}, psamf.max_len {s['psamf_max_len']}, "
              f"{s['torch_threads']} torch thread(s). Our numbers are not comparable in level with the paper's.", "",
@@ -328,7 +330,8 @@ def main() -> None:
         "corpus": "mosi", "av_simulated": True, "profile": "demo", "workdir": str(work) if args.workdir else None,
         "settings": {"trials": args.trials, "tune_epochs": args.tune_epochs, "train_epochs": args.train_epochs,
                      "psamf_max_len": args.max_len, "seq_len": args.seq_len, "train_subset": args.train_subset or None,
-                     "ablations": ablations, "seeds": seeds, "text_encoder": c0.psamf.encoder,
+                     "ablations": ablations, "seeds": seeds, "best_params": args.best_params,
+                     "text_encoder": c0.psamf.encoder,
                      "personality_clips": args.personality_clips, "personality_epochs": args.personality_epochs,
                      "personality_max_len": args.personality_max_len, "personality_lr": args.personality_lr,
                      "batch_size": c0.train.batch_size, "lr": c0.train.lr, "patience": c0.train.patience,
