@@ -119,12 +119,12 @@ def seed_summary(runs: dict[int, dict]) -> dict[str, Any]:
     """Per-seed runs -> {"test": mean over seeds, "test_ci": {metric: mean_ci}, "seeds": runs, ...}."""
     from psamf.stats import mean_ci
 
-    first = runs[min(runs)]
+    first_seed = next(iter(runs))  # the ablations' seed
     out: dict[str, Any] = {"seeds": {str(k): v for k, v in runs.items()}, "n_seeds": len(runs)}
     for split in ("valid", "test"):
         out[split] = {m: float(sum(r[split][m] for r in runs.values()) / len(runs)) for m in METRICS}
         out[f"{split}_ci"] = {m: mean_ci([r[split][m] for r in runs.values()]) for m in METRICS}
-    out["first_seed"] = {"seed": min(runs), "test": first["test"]}
+    out["first_seed"] = {"seed": first_seed, "test": runs[first_seed]["test"]}
     return out
 
 
@@ -163,18 +163,18 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(fmt(m.get(k)) for k in keys) + " |")
         for name, m in MMSA_REF.items():
             lines.append(f"| {name} | " + " | ".join(fmt(m.get(k)) for k in keys) + " |")
-        n_seeds = s.get("seeds") or [0]
+        seed_list = s.get("seeds") or [0]
         for name, key in (("PSA-MF (ours)", "psamf"), ("Text-only baseline (ours, same encoder)", "text_baseline")):
             if key in main:
-                lines.append(f"| {name}, mean of {len(n_seeds)} seed(s) | "
+                lines.append(f"| {name}, mean of {len(seed_list)} seed(s) | "
                              + " | ".join(fmt(pct(main[key]["test"]).get(k)) for k in keys) + " |")
         lines += ["", "Paper Acc2/F1 placed under Non0 (its convention is not stated). "
                   "Has0: t >= 0 vs p >= 0 over all samples; Non0: t != 0 only (MMSA).", ""]
         if all("seeds" in main.get(k, {}) for k in ("psamf", "text_baseline")):
-            lines += [f"Test MAE per train.seed ({', '.join(map(str, n_seeds))}): PSA-MF "
-                      + ", ".join(f"{main['psamf']['seeds'][str(x)]['test']['mae']:.3f}" for x in n_seeds)
+            lines += [f"Test MAE per train.seed ({', '.join(map(str, seed_list))}): PSA-MF "
+                      + ", ".join(f"{main['psamf']['seeds'][str(x)]['test']['mae']:.3f}" for x in seed_list)
                       + "; text baseline "
-                      + ", ".join(f"{main['text_baseline']['seeds'][str(x)]['test']['mae']:.3f}" for x in n_seeds) + "."]
+                      + ", ".join(f"{main['text_baseline']['seeds'][str(x)]['test']['mae']:.3f}" for x in seed_list) + "."]
             pd_ = res.get("main_paired", {}).get("mae")
             if pd_:
                 lines += [f"Paired by seed, baseline − PSA-MF test MAE: {pd_['mean']:+.3f}, 95% CI "
@@ -318,8 +318,7 @@ def main() -> None:
         base.append(f"train.batch_size={args.batch_size}")
     if args.tune_seed is not None:
         base.append(f"tune.seed={args.tune_seed}")
-    if args.pruner_warmup_steps is not None:
-        base.append(f"tune.pruner_warmup_steps={args.pruner_warmup_steps}")
+    base.append(f"tune.pruner_warmup_steps={args.pruner_warmup_steps}")
 
     def cfg(*extra: str):
         return load_config(args.params, "demo", base + list(extra))
@@ -463,10 +462,11 @@ def main() -> None:
             write(res)
         from psamf.stats import paired_diff
 
-        res["main_paired"] = {m: paired_diff([res["main"]["text_baseline"]["seeds"][s_]["test"][m] for s_ in map(str, seeds)],
-                                             [res["main"]["psamf"]["seeds"][s_]["test"][m] for s_ in map(str, seeds)])
-                              for m in ("mae",)}
-        res["main_paired"]["definition"] = "text_baseline - psamf test MAE per seed (> 0: PSA-MF better), t 95% CI"
+        def test_mae(key: str) -> list[float]:
+            return [res["main"][key]["seeds"][str(x)]["test"]["mae"] for x in seeds]
+
+        res["main_paired"] = {"mae": paired_diff(test_mae("text_baseline"), test_mae("psamf")),
+                              "definition": "text_baseline - psamf test MAE per seed (> 0: PSA-MF better), t 95% CI"}
         write(res)
         res["ablations"] = {}
         for a in ablations:  # the first seed only (CPU time), compared with PSA-MF's run at that seed

@@ -380,7 +380,6 @@ class Objective:
         if inherited is None:
             shutil.rmtree(out, ignore_errors=True)  # a fresh trial never resumes someone else's run
         trial.set_user_attr("trial_key", key)
-        trial.set_user_attr("epochs_reserved", cfg.tune.epochs)
         trial.set_user_attr("worker", _worker_id())
         trial.set_user_attr("worker_pid", os.getpid())
         trial.set_user_attr("out_dir", str(out))
@@ -499,15 +498,15 @@ def _counts(study) -> dict[str, int]:
     return out
 
 
-def epochs_spent(study, *, running: bool = True) -> int:
+def epochs_spent(study, cfg: Config, *, running: bool = True) -> int:
     """Training epochs the study has used: finished trials' epochs_run, plus (running=True)
-    tune.epochs reserved by each running trial, which may still use them all."""
+    tune.epochs for each running trial, which may still use them all."""
     from optuna.trial import TrialState
 
     spent = 0
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.RUNNING and running:
-            spent += int(t.user_attrs.get("epochs_reserved", 0))
+            spent += cfg.tune.epochs
         elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             spent += int(t.user_attrs.get("epochs_run", len(t.intermediate_values)))
     return spent
@@ -517,7 +516,7 @@ def budget_allows_trial(study, cfg: Config, *, running: bool = True) -> bool:
     """tune.epoch_budget: a trial may start only if all its tune.epochs fit in what is left.
     running=False ignores running trials' reservations (they may end early, freeing epochs)."""
     budget = cfg.tune.epoch_budget
-    return budget is None or epochs_spent(study, running=running) + cfg.tune.epochs <= budget
+    return budget is None or epochs_spent(study, cfg, running=running) + cfg.tune.epochs <= budget
 
 
 def study_finished(study, cfg: Config) -> bool:
