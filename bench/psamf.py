@@ -330,7 +330,7 @@ def main() -> None:
         "settings": {"trials": args.trials, "tune_epochs": args.tune_epochs, "train_epochs": args.train_epochs,
                      "psamf_max_len": args.max_len, "seq_len": args.seq_len, "train_subset": args.train_subset or None,
                      "ablations": ablations, "seeds": seeds, "best_params": args.best_params,
-                     "text_encoder": c0.psamf.encoder,
+                     "text_encoder": c0.psamf.encoder, "av_norm": c0.psamf.av_norm,
                      "personality_clips": args.personality_clips, "personality_epochs": args.personality_epochs,
                      "personality_max_len": args.personality_max_len, "personality_lr": args.personality_lr,
                      "batch_size": c0.train.batch_size, "lr": c0.train.lr, "patience": c0.train.patience,

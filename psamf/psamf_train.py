@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from psamf import tracking
 from psamf.config import Config, PsamfConfig
+from psamf.data.align import AV_NORMS, av_inputs
 from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.errors import InputError
 from psamf.io import atomic_dir, atomic_path, write_json
@@ -161,6 +162,8 @@ def check_psamf_config(cfg: Config) -> None:
         raise InputError("psamf.tau", f"must be > 0, got {cfg.psamf.tau}")
     if cfg.psamf.max_len < 2:
         raise InputError("psamf.max_len", f"must be >= 2, got {cfg.psamf.max_len}")
+    if cfg.psamf.av_norm not in AV_NORMS:
+        raise InputError("psamf.av_norm", f"unknown {cfg.psamf.av_norm!r} (choose from {', '.join(AV_NORMS)})")
 
 
 def check_personality_encoder(cfg: Config) -> None:
@@ -209,12 +212,13 @@ def segment_tensors(cfg: Config, ds: PreparedDataset, personality: bool) -> tupl
         if not same:
             t.update({PERSONALITY_PREFIX + k: v for k, v in pt.items()})
             info["personality_tokenizer"] = ptok
-    a = ds.arrays
+    a = {m: av_inputs(ds.arrays[m], ds.arrays[f"{m}_mask"], ds.segments["speaker_id"].to_numpy(), cfg.psamf.av_norm)
+         for m in ("audio", "visual")}
     t.update({
-        "audio": torch.from_numpy(np.ascontiguousarray(a["audio"], dtype=np.float32)),
-        "visual": torch.from_numpy(np.ascontiguousarray(a["visual"], dtype=np.float32)),
-        "audio_mask": torch.from_numpy(a["audio_mask"].astype(bool)),
-        "visual_mask": torch.from_numpy(a["visual_mask"].astype(bool)),
+        "audio": torch.from_numpy(a["audio"]),
+        "visual": torch.from_numpy(a["visual"]),
+        "audio_mask": torch.from_numpy(ds.arrays["audio_mask"].astype(bool)),
+        "visual_mask": torch.from_numpy(ds.arrays["visual_mask"].astype(bool)),
         "label": torch.from_numpy(ds.segments["label"].to_numpy(np.float32)),
     })
     return t, info

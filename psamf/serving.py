@@ -6,7 +6,7 @@ Input: a pandas DataFrame, one row per segment (the same for both models)
     text      str                         the segment's transcript
     audio     list[list[float]] [T_a, Da] acoustic frames, Da = the model's audio dim (COVAREP: 74)
     visual    list[list[float]] [T_v, Dv] visual frames, Dv = the model's visual dim (FACET 4.1: 35)
-    user_id   str, optional               the speaker (MulT + User Adapter only; PSA-MF ignores it)
+    user_id   str, optional               the speaker: MulT's User Adapter row; PSA-MF's AV normalization group
 
 - Frame counts may differ per row and per modality. Each sequence is average-pooled or
   zero-padded to the model's T (`data.seq_len` at training time) by
@@ -17,6 +17,10 @@ Input: a pandas DataFrame, one row per segment (the same for both models)
 - `user_id`: a speaker the model was pretrained on gets its own user embedding. Anything
   else (an unseen speaker, null, or no column at all) gets the UNKNOWN user's row 0, the
   cold-start prompt the User Adapter learned in pretraining.
+- PSA-MF trained with `psamf.av_norm: speaker` z-scores the audio/visual frames within each
+  speaker. Served, the group is the rows of one request that share a user_id (rows with none
+  form one group), so send a speaker's segments together: the more of them, the closer the
+  statistics are to training's, which used all of a speaker's segments.
 
 Output: a DataFrame with one float column, `sentiment` (about -3..3), in row order.
 
@@ -62,7 +66,7 @@ import numpy as np
 import pandas as pd
 
 from psamf.config import Config, MultConfig, PsamfConfig, UserAdapterConfig
-from psamf.data.align import pool_or_pad
+from psamf.data.align import av_inputs, pool_or_pad
 from psamf.errors import InputError
 
 # torch and transformers are imported inside functions; the PythonModel base class must exist
@@ -328,7 +332,7 @@ def _save_tokenizer(model_dir: Path, saved: dict[str, Any], pc: PsamfConfig, des
 
 
 class PsamfPyfunc(PythonModel):
-    """PSA-MF as a pyfunc (see the module docstring for the input schema; user_id is ignored).
+    """PSA-MF as a pyfunc (see the module docstring for the input schema and how user_id groups rows).
 
     Artifacts: "model" (slim state_dict), "config" (serving.json), "text_config" and
     "personality_config" (HF config dirs), "tokenizer" (HF tokenizer dir).
@@ -343,6 +347,7 @@ class PsamfPyfunc(PythonModel):
         conf = json.loads(Path(context.artifacts["config"]).read_text())
         pc = _dataclass(PsamfConfig, conf["psamf"])
         self.T, self.max_len, self.dims = int(conf["seq_len"]), int(pc.max_len), conf["dims"]
+        self.av_norm = pc.av_norm
         state = torch.load(context.artifacts["model"], map_location="cpu", weights_only=False)
         text = AutoModel.from_config(AutoConfig.from_pretrained(context.artifacts["text_config"]))
         pers = None
@@ -364,6 +369,11 @@ class PsamfPyfunc(PythonModel):
         texts = texts_of(df)
         audio, audio_mask = pooled(df["audio"], int(self.dims["audio"]), self.T, "audio")
         visual, visual_mask = pooled(df["visual"], int(self.dims["visual"]), self.T, "visual")
+        # av_norm = speaker: z-score within each user_id's rows of this request, as training did
+        # within each speaker; rows without a user_id are normalized together as one group.
+        groups = np.array([u or "" for u in users_of(df)])  # users_of gives None for "" too
+        audio = av_inputs(audio, audio_mask, groups, self.av_norm)
+        visual = av_inputs(visual, visual_mask, groups, self.av_norm)
         out = []
         with torch.inference_mode():
             for i in range(0, len(df), BATCH):

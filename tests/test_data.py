@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from psamf.data.align import frames_in, pool_or_pad
+from psamf.data.align import av_inputs, frames_in, normalize_by_group, pool_or_pad
 from psamf.data.csd import ComputationalSequence, read_csd, write_csd
 from psamf.data.ingest import ingest
 from psamf.data.prepared import load_prepared
@@ -116,6 +116,40 @@ def test_frames_in_interval_and_zero_length():
     assert frames_in(ivals, 0.25, 0.5).tolist() == [2, 3, 4]
     assert frames_in(ivals, 0.33, 0.33).tolist() == [3]  # zero-length: the frame under it
     assert frames_in(ivals, 5.0, 6.0).tolist() == []
+
+
+def test_speaker_normalization_removes_a_speaker_offset_and_keeps_padding():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 4, 2)).astype(np.float32)        # 3 segments, 4 steps, 2 dims
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], bool)
+    base[~mask] = 0.0
+    # the same segments spoken by a second speaker: shifted by 5, scaled by 3 (a voice, a camera)
+    x = np.concatenate([base, np.where(mask[..., None], 5.0 + 3.0 * base, 0.0)])
+    m = np.concatenate([mask, mask])
+    groups = np.array(["a"] * 3 + ["b"] * 3)
+    z = normalize_by_group(x, m, groups)
+    np.testing.assert_allclose(z[:3], z[3:], atol=1e-5)        # the speaker signature is gone
+    for g in "ab":
+        frames = z[groups == g][m[groups == g]]
+        np.testing.assert_allclose(frames.mean(0), 0.0, atol=1e-5)
+        np.testing.assert_allclose(frames.std(0), 1.0, atol=1e-5)
+    assert not z[~m].any()                                      # padding stays 0
+    # within a speaker, segments keep their differences (what carries the sentiment cue)
+    assert np.abs(z[0][mask[0]].mean(0) - z[1][mask[1]].mean(0)).max() > 0.1
+
+
+def test_speaker_normalization_edge_cases():
+    x = np.zeros((2, 3, 2), np.float32)
+    x[0, :, 0] = 7.0                                            # a dim constant within its speaker
+    x[0, :, 1] = [1.0, 2.0, 3.0]
+    m = np.array([[1, 1, 1], [0, 0, 0]], bool)                  # speaker "b" has no real frame
+    z = normalize_by_group(x, m, np.array(["a", "b"]))
+    assert np.isfinite(z).all() and not z[:, :, 0].any() and not z[1].any()
+    np.testing.assert_array_equal(av_inputs(x, m, ["a", "b"], "none"), x)
+    with pytest.raises(ValueError, match="unknown av_norm 'zscore'"):
+        av_inputs(x, m, ["a", "b"], "zscore")
+    with pytest.raises(ValueError, match="shapes do not match"):
+        normalize_by_group(x, m[:, :2], ["a", "b"])
 
 
 # ---- synthetic corpus ----------------------------------------------------------------------

@@ -254,6 +254,25 @@ def test_text_baseline_same_loop_same_metrics(env):
     assert meta["kind"] == "text_baseline" and type(model).__name__ == "TextRegressor"
 
 
+def test_av_norm_speaker_zscores_each_speakers_frames_and_none_keeps_them(env):
+    from psamf.psamf_train import load_split_data, segment_tensors
+
+    root, _, _ = env
+    cfg = cfg_for(root)
+    assert cfg.psamf.av_norm == "speaker"                                  # the params.yaml default
+    ds = load_split_data(cfg)
+    t, _ = segment_tensors(cfg, ds, personality=False)
+    raw, _ = segment_tensors(cfg_for(root, "psamf.av_norm=none"), ds, personality=False)
+    speakers = ds.segments["speaker_id"].to_numpy()
+    for m in ("audio", "visual"):
+        x, mask = t[m].numpy(), ds.arrays[f"{m}_mask"].astype(bool)
+        for sp in np.unique(speakers)[:3]:
+            frames = x[speakers == sp][mask[speakers == sp]]
+            np.testing.assert_allclose(frames.mean(0), 0.0, atol=1e-4)
+        assert not x[~mask].any()
+        np.testing.assert_array_equal(raw[m].numpy(), ds.arrays[m].astype(np.float32))
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 def test_missing_inputs_are_one_line_input_errors(env, tmp_path):
@@ -269,6 +288,8 @@ def test_missing_inputs_are_one_line_input_errors(env, tmp_path):
         train_psamf(cfg_for(root, f"psamf.personality_encoder={tmp_path}/no-personality"))
     with pytest.raises(InputError, match="unknown ablation"):
         train_psamf(cfg_for(root, "psamf.ablation=nope"))
+    with pytest.raises(InputError, match=r"psamf.av_norm: unknown 'video' \(choose from none, speaker\)"):
+        train_psamf(cfg_for(root, "psamf.av_norm=video"))
     res = CliRunner().invoke(app, ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml"),
                                    "--set", f"data.prepared_dir={tmp_path}/nope"])
     assert res.exit_code == 2

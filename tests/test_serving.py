@@ -221,7 +221,7 @@ def test_psamf_pyfunc_matches_the_model_and_drops_the_personality_weights(psamf_
     import mlflow
 
     from psamf import tracking
-    from psamf.data.align import pool_or_pad
+    from psamf.data.align import normalize_by_group, pool_or_pad
     from psamf.models.encoders import load_tokenizer
     from psamf.serving import dataset_frame, log_psamf_model
 
@@ -234,19 +234,29 @@ def test_psamf_pyfunc_matches_the_model_and_drops_the_personality_weights(psamf_
     assert json.loads((local / "artifacts" / "serving.json").read_text())["seq_len"] == cfg.data.seq_len
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
 
-    idx = np.flatnonzero(ds.segments["split"].to_numpy() == "test")[:6]
+    speakers = ds.segments["speaker_id"].to_numpy()
+    idx = np.concatenate([np.flatnonzero(speakers == sp)[:3] for sp in np.unique(speakers)[:2]])  # 2 speakers x 3
     df = dataset_frame(ds, idx)
     served = pyfunc.predict(df)["sentiment"].to_numpy()
     tok = load_tokenizer(str(out / "tokenizer"))
     enc = tok(df["text"].tolist(), padding=True, truncation=True, max_length=cfg.psamf.max_len, return_tensors="pt")
-    batch = dict(enc)
-    for m in ("audio", "visual"):
-        pooled = [pool_or_pad(np.asarray(x, dtype=np.float64).reshape(-1, getattr(cfg.data, f"{m}_dim")),
-                              cfg.data.seq_len) for x in df[m]]
-        batch[m] = torch.from_numpy(np.stack([p[0] for p in pooled]))
-        batch[f"{m}_mask"] = torch.from_numpy(np.stack([p[1] for p in pooled]))
+    assert cfg.psamf.av_norm == "speaker" and df["user_id"].nunique() > 1
+
+    def direct_pred(groups) -> np.ndarray:
+        batch = dict(enc)
+        for m in ("audio", "visual"):
+            pooled = [pool_or_pad(np.asarray(x, dtype=np.float64).reshape(-1, getattr(cfg.data, f"{m}_dim")),
+                                  cfg.data.seq_len) for x in df[m]]
+            feats, mask = np.stack([p[0] for p in pooled]), np.stack([p[1] for p in pooled])
+            batch[m] = torch.from_numpy(normalize_by_group(feats, mask, np.asarray(groups)))
+            batch[f"{m}_mask"] = torch.from_numpy(mask)
+        with torch.no_grad():
+            return model(batch).pred.numpy(), batch
+
+    direct, batch = direct_pred(df["user_id"].to_numpy())      # z-scored within each speaker
     with torch.no_grad():
-        direct = model(batch).pred.numpy()
+        raw = dict(batch, audio=batch["audio"] * 0 + 1, visual=batch["visual"] * 0 + 1)
+        assert not np.allclose(model(raw).pred.numpy(), direct)  # the AV inputs reach the prediction
     np.testing.assert_allclose(served, direct, rtol=1e-5, atol=1e-5)
     try:  # the training stage's own loader reads the same file to the same numbers
         from psamf.psamf_train import load_model
@@ -255,8 +265,11 @@ def test_psamf_pyfunc_matches_the_model_and_drops_the_personality_weights(psamf_
     if load_model is not None:
         with torch.no_grad():
             np.testing.assert_allclose(load_model(out)[0](batch).pred.numpy(), direct, rtol=1e-5, atol=1e-5)
-    unknown = pyfunc.predict(df.assign(user_id="whoever"))["sentiment"].to_numpy()
-    np.testing.assert_array_equal(served, unknown)  # PSA-MF has no user input
+    # user_id is the normalization group: one id for every row normalizes them together
+    one_group = pyfunc.predict(df.assign(user_id="whoever"))["sentiment"].to_numpy()
+    np.testing.assert_allclose(one_group, direct_pred(["whoever"] * len(df))[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(one_group, served)
+    np.testing.assert_array_equal(pyfunc.predict(df.assign(user_id=None))["sentiment"].to_numpy(), one_group)
 
 
 def test_register_stage_psamf(psamf_trained):

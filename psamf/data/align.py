@@ -32,3 +32,50 @@ def pool_or_pad(x: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
     out[:] = sums / np.diff(edges)[:, None]
     mask[:] = True
     return out, mask
+
+
+AV_NORMS = ("none", "speaker")
+
+
+def normalize_by_group(x: np.ndarray, mask: np.ndarray, groups, eps: float = 1e-6) -> np.ndarray:
+    """Z-score each feature dim within each group (a speaker), over the group's real steps.
+
+    x [N, T, D] pooled frames, mask [N, T] real steps, groups [N] a label per segment.
+    Padded steps stay 0. A dim that is constant within a group maps to 0 (not NaN).
+
+    Why (speaker normalization, standard for paralinguistic features): COVAREP/FACET carry
+    a strong per-speaker signature (voice, face, recording), and MOSI's folds are speaker-
+    disjoint, so a model can fit the training speakers' signatures to their label means and
+    that does not transfer. Normalizing within the speaker removes the signature and keeps
+    how a segment differs from the speaker's own baseline. It needs only unlabeled frames of
+    the same speaker, at training and at serving time alike.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    groups = np.asarray(groups)
+    if not (x.ndim == 3 and mask.shape == x.shape[:2] and groups.shape == (len(x),)):
+        raise ValueError(f"shapes do not match: x {x.shape}, mask {mask.shape}, groups {groups.shape}")
+    out = np.zeros_like(x)
+    _, code = np.unique(groups, return_inverse=True)      # integer codes: no string-comparison quirks
+    for g in range(code.max() + 1 if len(code) else 0):
+        rows = np.flatnonzero(code == g)
+        m = mask[rows]
+        frames = x[rows][m]                                  # [n_real, D]
+        if len(frames) == 0:
+            continue
+        mu = frames.mean(0, dtype=np.float64)
+        sd = frames.std(0, dtype=np.float64)
+        z = ((x[rows] - mu) / np.where(sd > eps, sd, np.inf)).astype(np.float32)
+        out[rows] = np.where(m[..., None], z, 0.0)
+    return out
+
+
+def av_inputs(x: np.ndarray, mask: np.ndarray, groups, av_norm: str) -> np.ndarray:
+    """One modality's frames [N,T,D] as PSA-MF sees them (psamf.av_norm): per-group z-scored
+    under "speaker" (normalize_by_group), else as ingested. Training groups by speaker_id and
+    serving by user_id, both through here, so the two cannot drift apart."""
+    if av_norm == "speaker":
+        return normalize_by_group(x, mask, groups)
+    if av_norm != "none":
+        raise ValueError(f"unknown av_norm {av_norm!r} (choose from {', '.join(AV_NORMS)})")
+    return np.ascontiguousarray(x, dtype=np.float32)
