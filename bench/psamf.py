@@ -148,7 +148,9 @@ def markdown(res: dict[str, Any]) -> str:
              f"{s['personality_epochs']} epoch(s), max_len {s['personality_max_len']}). "
              f"PSA-MF/baseline/ablations: {s['train_epochs']} epochs each; "
              + (f"search: skipped, params from {s['best_params']}. " if s.get("best_params") else
-                f"search: {s['trials']} trials x {s['tune_epochs']} epochs. ")
+                f"search: {s['trials']} trials x {s['tune_epochs']} epochs. " if res.get("search") else
+                "search: none run, params.yaml's tau/N/lambda. ")
+             + f"AV normalization: psamf.av_norm {s.get('av_norm', 'none')}. "
              + f"Reduced for 2 shared CPU cores: train split "
              f"{res.get('data', {}).get('train_used', '?')} of {res.get('data', {}).get('splits', {}).get('train', '?')} "
              f"segments (seeded; valid/test whole), train.batch_size {s['batch_size']}, data.seq_len {s['seq_len']}, psamf.max_len {s['psamf_max_len']}, "
@@ -507,7 +509,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"met": res.get("met"), "wall_s": res["wall_s"],
                       "main": {k: v["test"]["mae"] for k, v in res.get("main", {}).items()}}, indent=2))
-    print(f"-> {path} and {RESULTS / 'psamf.md'}")
+    print(f"-> {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
