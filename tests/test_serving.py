@@ -242,7 +242,7 @@ def test_psamf_pyfunc_matches_the_model_and_drops_the_personality_weights(psamf_
     enc = tok(df["text"].tolist(), padding=True, truncation=True, max_length=cfg.psamf.max_len, return_tensors="pt")
     assert cfg.psamf.av_norm == "speaker" and df["user_id"].nunique() > 1
 
-    def direct_pred(groups) -> np.ndarray:
+    def direct_pred(groups) -> tuple[np.ndarray, dict]:
         batch = dict(enc)
         for m in ("audio", "visual"):
             pooled = [pool_or_pad(np.asarray(x, dtype=np.float64).reshape(-1, getattr(cfg.data, f"{m}_dim")),
@@ -255,8 +255,8 @@ def test_psamf_pyfunc_matches_the_model_and_drops_the_personality_weights(psamf_
 
     direct, batch = direct_pred(df["user_id"].to_numpy())      # z-scored within each speaker
     with torch.no_grad():
-        raw = dict(batch, audio=batch["audio"] * 0 + 1, visual=batch["visual"] * 0 + 1)
-        assert not np.allclose(model(raw).pred.numpy(), direct)  # the AV inputs reach the prediction
+        constant_av = dict(batch, audio=torch.ones_like(batch["audio"]), visual=torch.ones_like(batch["visual"]))
+        assert not np.allclose(model(constant_av).pred.numpy(), direct)  # the AV inputs reach the prediction
     np.testing.assert_allclose(served, direct, rtol=1e-5, atol=1e-5)
     try:  # the training stage's own loader reads the same file to the same numbers
         from psamf.psamf_train import load_model
