@@ -174,6 +174,10 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-5
     lr_head: float = 1e-3
+    # LR schedule over the whole run (transformers.get_scheduler names: constant, linear, cosine),
+    # after warmup_ratio of the run's steps of linear warmup from 0.
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
     patience: int = 2
     device: str = "auto"
     amp: bool = True

@@ -102,13 +102,15 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     desc: str = "train",
     should_stop: Callable[[int, dict[str, float]], bool] | None = None,
+    scheduler: Any | None = None,
 ) -> FitResult:
     """Train with early stopping on `evaluate()[monitor]` (lower is better).
 
     With `ckpt_dir`, `last.pt` is written atomically after every epoch and `best.pt` holds
     the best weights; a later call with the same fingerprint resumes from `last.pt`.
     At the end the model holds the best weights. `should_stop` lets a caller (an Optuna
-    pruner) end the run after an epoch.
+    pruner) end the run after an epoch. `scheduler` (a torch LR scheduler) steps after every
+    optimizer step, and its state is checkpointed with the optimizer's.
     """
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     start_epoch, best, best_epoch, bad_epochs, history = 0, math.inf, -1, 0, []
@@ -119,6 +121,8 @@ def fit(
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
             bad_epochs, history, stopped = state["bad_epochs"], state["history"], state["stopped"]
@@ -140,6 +144,8 @@ def fit(
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             n = len(next(iter(batch.values())))
             total += float(loss.detach()) * n
             count += n
@@ -160,6 +166,7 @@ def fit(
         stopped = bad_epochs >= patience or bool(should_stop and should_stop(epoch, metrics))
         if ckpt:
             _save(ckpt / "last.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": None if scheduler is None else scheduler.state_dict(),
                                      "rng": _rng_state(), "epoch": epoch, "best": best,
                                      "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                                      "history": history, "stopped": stopped, "fingerprint": fingerprint})

@@ -162,25 +162,77 @@ def test_every_ablation_trains_and_reports_every_convention(env, ablation):
         assert h["train_align"] > 0 and h["train_clm"] > 0
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(env, tmp_path):
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(env, tmp_path, monkeypatch):
+    """With an LR schedule (linear decay over the run, after warmup): killed at the end of epoch 1,
+    the rerun restores model, optimizer, scheduler and RNG from epoch 0's checkpoint and ends
+    exactly as an uninterrupted run."""
+    from psamf import psamf_train
     from psamf.psamf_train import train_psamf
 
     root, _, _ = env
-    extra = ["train.epochs=3", "train.patience=10"]
+    extra = ["train.epochs=3", "train.patience=10", "train.lr_schedule=linear", "train.warmup_ratio=0.2"]
     ref = train_psamf(cfg_for(root, *extra), out_dir=tmp_path / "ref")
-    # "Interrupted" after epoch 1: a 1-epoch run whose checkpoint is kept, then the full run.
-    first = train_psamf(cfg_for(root, "train.epochs=1", "train.patience=10", "train.keep_checkpoints=true"),
-                        out_dir=tmp_path / "run")
+
+    def dies_at_epoch_1():
+        def on_epoch(epoch, metrics):
+            if epoch == 1:
+                raise RuntimeError("killed")
+        return on_epoch
+
+    with monkeypatch.context() as m:
+        m.setattr(psamf_train.tracking, "epoch_logger", dies_at_epoch_1)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_psamf(cfg_for(root, *extra), out_dir=tmp_path / "run")
     assert (tmp_path / "run" / "ckpt" / "last.pt").is_file()
     resumed = train_psamf(cfg_for(root, *extra), out_dir=tmp_path / "run")
-    assert first["resumed_from_epoch"] == 0 and resumed["resumed_from_epoch"] == 1
+    assert resumed["resumed_from_epoch"] == 1
     assert same_history(resumed["history"], ref["history"])
     assert resumed["test"] == ref["test"] and resumed["best_epoch"] == ref["best_epoch"]
     assert not (tmp_path / "run" / "ckpt").exists()
-    # Other settings -> the checkpoint is not reused.
-    other = train_psamf(cfg_for(root, "train.epochs=1", "train.seed=1", "train.keep_checkpoints=true"),
+    # The schedule spans the run, so another length is another run: its checkpoint is not reused.
+    train_psamf(cfg_for(root, *extra, "train.epochs=1", "train.keep_checkpoints=true"), out_dir=tmp_path / "short")
+    longer = train_psamf(cfg_for(root, *extra), out_dir=tmp_path / "short")
+    assert longer["resumed_from_epoch"] == 0 and same_history(longer["history"], ref["history"])
+
+
+def test_constant_lr_run_extends_to_more_epochs_exactly(env, tmp_path):
+    """With a constant LR a finished 1-epoch run's checkpoint continues to 3 epochs, as if uninterrupted;
+    other settings (a seed) never reuse it."""
+    from psamf.psamf_train import train_psamf
+
+    root, _, _ = env
+    const = ["train.patience=10"]  # params.yaml: train.lr_schedule constant, no warmup
+    assert cfg_for(root).train.lr_schedule == "constant" and cfg_for(root).train.warmup_ratio == 0
+    ref = train_psamf(cfg_for(root, "train.epochs=3", *const), out_dir=tmp_path / "ref")
+    first = train_psamf(cfg_for(root, "train.epochs=1", "train.keep_checkpoints=true", *const),
+                        out_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "ckpt" / "last.pt").is_file()
+    resumed = train_psamf(cfg_for(root, "train.epochs=3", *const), out_dir=tmp_path / "run")
+    assert first["resumed_from_epoch"] == 0 and resumed["resumed_from_epoch"] == 1
+    assert same_history(resumed["history"], ref["history"])
+    assert resumed["test"] == ref["test"]
+    other = train_psamf(cfg_for(root, "train.epochs=1", "train.seed=1", "train.keep_checkpoints=true", *const),
                         out_dir=tmp_path / "run")
     assert other["resumed_from_epoch"] == 0
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero_over_the_run(env):
+    from psamf.psamf_train import lr_scheduler
+
+    root, _, _ = env
+    tc = cfg_for(root, "train.epochs=2", "train.batch_size=10", "train.lr_schedule=linear",
+                 "train.warmup_ratio=0.25").train
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1.0}])
+    sched = lr_scheduler(opt, tc, n_train=20)  # 2 batches/epoch -> 4 steps, 1 of warmup
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(4):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.0, 1.0, 2 / 3, 1 / 3, 0.0])
+    tc0 = cfg_for(root, "train.lr_schedule=constant", "train.warmup_ratio=0").train
+    assert lr_scheduler(opt, tc0, n_train=20) is None
 
 
 class FakeTrial:
@@ -290,6 +342,10 @@ def test_missing_inputs_are_one_line_input_errors(env, tmp_path):
         train_psamf(cfg_for(root, "psamf.ablation=nope"))
     with pytest.raises(InputError, match=r"psamf.av_norm: unknown 'video' \(choose from none, speaker\)"):
         train_psamf(cfg_for(root, "psamf.av_norm=video"))
+    with pytest.raises(InputError, match=r"train.lr_schedule: unknown 'step' \(choose from constant, linear, cosine\)"):
+        train_psamf(cfg_for(root, "train.lr_schedule=step"))
+    with pytest.raises(InputError, match=r"train.warmup_ratio: must be in \[0, 1\), got 1.5"):
+        train_psamf(cfg_for(root, "train.warmup_ratio=1.5"))
     res = CliRunner().invoke(app, ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml"),
                                    "--set", f"data.prepared_dir={tmp_path}/nope"])
     assert res.exit_code == 2
