@@ -165,6 +165,7 @@ class PsamfConfig:
     sim_weight: str = "affine"
     prefusion_text: str = "tokens"
     av_gate: bool = True
+    prefusion_residual: bool = False  # params.yaml: true. False here so a model saved before the key loads as trained
     av_norm: str = "none"        # params.yaml: speaker. "none" here so a model saved before the key loads as trained
 
 

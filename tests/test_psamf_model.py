@@ -284,6 +284,29 @@ def test_av_gate_starts_closed_opens_by_learning():
         assert not torch.allclose(model(batch).m_s, model(other).m_s)
 
 
+def test_residual_prefusion_starts_as_no_prefusion_and_its_gate_learns():
+    """prefusion_residual: M_s = M_text + tanh(g) (M_fused - M_text), g = 0 at init, so the model
+    starts as its no_prefusion ablation (same weights, same M_s) and AV enters M_s once g moves."""
+    batch, other = make_batch(), make_batch()
+    other["visual"] = other["visual"] + 1.0
+    model = make_model(prefusion_residual=True, av_gate=False).eval()
+    plain = make_model(ablation="no_prefusion", av_gate=False).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)  # all but the gate
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"prefusion_gate"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).m_s, plain(batch).m_s)
+        torch.testing.assert_close(model(batch).m_s, model(other).m_s)  # AV does not reach M_s yet
+    model.train()
+    model(batch).total.backward()
+    assert model.prefusion_gate.grad is not None and model.prefusion_gate.grad.abs() > 0
+    with torch.no_grad():
+        model.prefusion_gate.fill_(0.5)
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(batch).m_s, model(other).m_s)
+    assert make_model(prefusion_residual=True, ablation="no_prefusion").prefusion_gate is None
+
+
 def test_unknown_prefusion_text_is_refused():
     with pytest.raises(ValueError, match="prefusion_text"):
         make_model(prefusion_text="words")

@@ -47,6 +47,16 @@ Decisions the paper leaves open (all in one place so a reader can check them):
   the upper layers' attention at init and the fine-tune never recovers in a short budget (tokens
   without the gate: 1.312 at head lr 1e-3, 1.358 at 3e-3; with it 1.166 / 1.169). Matching the AV
   tokens' LayerNorm to the encoder's layer-N LayerNorm instead did not help (1.456).
+- Residual pre-fusion (`prefusion_residual`, params.yaml true, with av_gate false):
+  M_s = M_text + tanh(g) (M_fused - M_text), where M_fused is position 0 of the upper layers
+  over [H_s, X_v, X_a], M_text the same layers over the text alone (no_prefusion's M_s), and g
+  a learnable scalar starting at 0. So the model starts as its no_prefusion ablation and mixes
+  pre-fusion in as far as it helps, at the cost of a second pass through the upper layers over
+  the text. Why not the token gate: tok * tanh(g) = 0 still leaves 2 x T null tokens in every
+  attention row (their keys are the key bias, their values the value bias), so the pretrained
+  upper layers start perturbed, and on MOSI the token-gated model fell behind its own
+  no_prefusion ablation on every seed (whole train split, 3 epochs, seeds 0-2: valid MAE
+  0.916/0.860/0.909 vs 0.827/0.811/0.828; test 0.847/0.796/0.919 vs 0.846/0.751/0.812).
 - AV normalization (`av_norm`, params.yaml "speaker"; applied to the inputs by psamf_train and
   serving, not inside this module): the audio/visual frames are z-scored per speaker over the
   speaker's own unlabeled frames (psamf.data.align.normalize_by_group). Why: MOSI's folds are
@@ -97,8 +107,9 @@ Batch (a mapping of tensors):
 
 Optional config keys read with a default when a config object lacks them:
     align_dim (default: text hidden size), fusion_dim (default: lstm_hidden), symmetric_cl (False),
-    sim_weight ("affine"), prefusion_text ("cls"), av_gate (False); params.yaml sets the last two
-    to "tokens" / true (see above). av_norm is read by the data path, not here.
+    sim_weight ("affine"), prefusion_text ("cls"), av_gate (False), prefusion_residual (False);
+    params.yaml sets prefusion_text "tokens" and prefusion_residual true (see above). av_norm is
+    read by the data path, not here.
 """
 from __future__ import annotations
 
@@ -345,6 +356,10 @@ class PSAMF(nn.Module):
         if self.prefusion_text not in PREFUSION_TEXT:
             raise ValueError(f"unknown prefusion_text {self.prefusion_text!r} (choose from {', '.join(PREFUSION_TEXT)})")
         gated = bool(_opt(cfg, "av_gate", False))
+        # residual pre-fusion: M_s = M_text + tanh(g) (M_fused - M_text), g a zero-init scalar
+        self.prefusion_gate = (nn.Parameter(torch.zeros(()))
+                               if bool(_opt(cfg, "prefusion_residual", False)) and self.ablation != "no_prefusion"
+                               else None)
         self.tok_v = AVTokens(visual_dim, H, cfg.dropout, eps, gated)
         self.tok_a = AVTokens(audio_dim, H, cfg.dropout, eps, gated)
         if self.ablation != "no_clm":
@@ -438,6 +453,9 @@ class PSAMF(nn.Module):
             fused_mask = torch.cat([text_mask, v_mask, a_mask], dim=1)
             fused = self.text.upper(seq, fused_mask)
         m_s = fused[:, 0]                                               # M_s
+        if self.prefusion_gate is not None:                             # starts as no_prefusion's M_s
+            m_text = self.text.upper(hidden, am.bool())[:, 0]
+            m_s = m_text + torch.tanh(self.prefusion_gate) * (m_s - m_text)
 
         # interaction (key_padding_mask: True = ignore)
         q = m_s[:, None]
