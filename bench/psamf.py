@@ -166,6 +166,8 @@ def markdown(res: dict[str, Any]) -> str:
                 f"search: {s['trials']} trials x {s['tune_epochs']} epochs. " if res.get("search") else
                 "search: none run, params.yaml's tau/N/lambda. ")
              + f"AV normalization: psamf.av_norm {s.get('av_norm', 'none')}. "
+             + (f"Pre-fusion: psamf.prefusion_residual {str(s['prefusion_residual']).lower()}, "
+                f"psamf.av_gate {str(s['av_gate']).lower()}. " if "prefusion_residual" in s else "")
              + f"Reduced for 2 shared CPU cores: train split "
              f"{res.get('data', {}).get('train_used', '?')} of {res.get('data', {}).get('splits', {}).get('train', '?')} "
              f"segments (seeded; valid/test whole), train.batch_size {s['batch_size']}, data.seq_len {s['seq_len']}, psamf.max_len {s['psamf_max_len']}, "
@@ -354,6 +356,7 @@ def main() -> None:
                      "psamf_max_len": args.max_len, "seq_len": args.seq_len, "train_subset": args.train_subset or None,
                      "ablations": ablations, "seeds": seeds, "best_params": args.best_params,
                      "text_encoder": c0.psamf.encoder, "av_norm": c0.psamf.av_norm,
+                     "prefusion_residual": c0.psamf.prefusion_residual, "av_gate": c0.psamf.av_gate,
                      "personality_clips": args.personality_clips, "personality_epochs": args.personality_epochs,
                      "personality_max_len": args.personality_max_len, "personality_lr": args.personality_lr,
                      "batch_size": c0.train.batch_size, "lr": c0.train.lr, "patience": c0.train.patience,
