@@ -43,10 +43,11 @@ Decisions the paper leaves open (all in one place so a reader can check them):
   1.166; no_prefusion 1.058; the text-only baseline 0.952.
 - AV gate (`av_gate`; params.yaml false now, superseded by prefusion_residual below): the
   X_v/X_a tokens are scaled by tanh(g), a learnable g starting at 0 (as Flamingo gates its new
-  cross-attention), meant to let the pretrained upper layers start from the text alone. Without it the 2x20 AV tokens, weakly informative by design, swamp
-  the upper layers' attention at init and the fine-tune never recovers in a short budget (tokens
-  without the gate: 1.312 at head lr 1e-3, 1.358 at 3e-3; with it 1.166 / 1.169). Matching the AV
-  tokens' LayerNorm to the encoder's layer-N LayerNorm instead did not help (1.456).
+  cross-attention), meant to let the pretrained upper layers start from the text alone.
+  Without any gate the 2x20 AV tokens, weakly informative by design, swamp the upper layers'
+  attention at init and the fine-tune never recovers in a short budget (tokens without the gate:
+  1.312 at head lr 1e-3, 1.358 at 3e-3; with it 1.166 / 1.169). Matching the AV tokens'
+  LayerNorm to the encoder's layer-N LayerNorm instead did not help (1.456).
 - Residual pre-fusion (`prefusion_residual`, params.yaml true, with av_gate false):
   M_s = M_text + tanh(g) (M_fused - M_text), where M_fused is position 0 of the upper layers
   over [H_s, X_v, X_a], M_text the same layers over the text alone (no_prefusion's M_s), and g
