@@ -26,7 +26,7 @@ The resume fingerprint covers every setting that changes the numbers (psamf.*, t
 out_dir, the device, the data manifest and the encoder directories' files). It leaves out
 `train.epochs` when the LR is constant (`train.lr_schedule: constant`, no warmup): then a
 finished 2-epoch run's checkpoint continues to epoch 5 exactly as an uninterrupted 5-epoch run
-would have. With a schedule (params.yaml: linear decay after `train.warmup_ratio` warmup) the
+would have. With a schedule (e.g. `train.lr_schedule: linear`, or any `train.warmup_ratio`) the
 run's length sets the LR at every step, so epochs is in the fingerprint too.
 
 Optuna: with `trial`, every epoch reports valid MAE (`trial.report(valid_mae, epoch)`); when
@@ -52,7 +52,7 @@ from torch import nn
 from tqdm import tqdm
 
 from psamf import tracking
-from psamf.config import Config, PsamfConfig
+from psamf.config import Config, PsamfConfig, TrainConfig
 from psamf.data.align import AV_NORMS, av_inputs
 from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.errors import InputError
@@ -416,7 +416,12 @@ def _save_model(out_dir: Path, model: nn.Module, *, kind: str, cfg: Config, extr
         torch.save(state, tmp)
 
 
-def lr_scheduler(opt: torch.optim.Optimizer, tc, n_train: int):
+def _scheduled(tc: TrainConfig) -> bool:
+    """Whether the LR changes over the run (a schedule or a warmup), so the run's length matters."""
+    return tc.lr_schedule != "constant" or bool(tc.warmup_ratio)
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig, n_train: int):
     """transformers' schedule `train.lr_schedule` over the whole run (epochs x batches per epoch),
     warming up for `train.warmup_ratio` of it; None for "constant" without warmup (the old loop).
 
@@ -427,7 +432,7 @@ def lr_scheduler(opt: torch.optim.Optimizer, tc, n_train: int):
     """
     from transformers import get_scheduler
 
-    if tc.lr_schedule == "constant" and not tc.warmup_ratio:
+    if not _scheduled(tc):
         return None
     total = tc.epochs * math.ceil(n_train / tc.batch_size)
     return get_scheduler(tc.lr_schedule, opt, num_warmup_steps=round(tc.warmup_ratio * total),
@@ -436,8 +441,7 @@ def lr_scheduler(opt: torch.optim.Optimizer, tc, n_train: int):
 
 def _base_fingerprint(cfg: Config, ds: PreparedDataset, device: torch.device, amp: bool) -> dict:
     # epochs only matters for resume when a schedule spans the run (its length sets the decay)
-    scheduled = cfg.train.lr_schedule != "constant" or bool(cfg.train.warmup_ratio)
-    skip = ("out_dir", "keep_checkpoints", "device", "amp") + (() if scheduled else ("epochs",))
+    skip = ("out_dir", "keep_checkpoints", "device", "amp") + (() if _scheduled(cfg.train) else ("epochs",))
     return {"train": {k: v for k, v in asdict(cfg.train).items() if k not in skip}, "device": device.type,
             "amp": amp, "data": config_fingerprint(ds.manifest), "n": len(ds),
             "text_encoder": dir_identity(cfg.psamf.encoder)}
