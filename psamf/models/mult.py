@@ -81,8 +81,11 @@ def dropout_mask(shape, p: float, dtype=torch.float32) -> torch.Tensor:
     n = math.prod(shape)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
     r = bits.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
-    keep = (r >= round(p * 65536) - 32768) * (1.0 / (1.0 - p))  # bool * float: one kernel
-    return keep if keep.dtype == dtype else keep.to(dtype)
+    # The comparison writes floats straight into `keep`: going through a bool tensor (r >= t,
+    # then * scale) costs two more passes in slow bool kernels (~2.4x the time at [16,10,50,50]).
+    keep = torch.empty(shape, dtype=dtype)
+    torch.ge(r, round(p * 65536) - 32768, out=keep)
+    return keep.mul_(1.0 / (1.0 - p))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
