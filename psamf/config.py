@@ -138,7 +138,7 @@ class FinetuneConfig:
     k_shot: int = 5
     draws: int = 5
     stratified: bool = False
-    epochs: int = 5
+    epochs: int = 10
     dropout: bool = False
     lr_base: float = 1e-4
     lr_adapter: float = 1e-3
