@@ -77,7 +77,7 @@ def train_run(cfg, train, valid, n_users: int, epochs: int, tracked: bool) -> di
     os.environ["PSAMF_TRACKING"] = "on" if tracked else "off"
     seed_everything(0)
     model = MulT.from_config(cfg.mult, cfg.user_adapter, 384, cfg.data.audio_dim, cfg.data.visual_dim, n_users=n_users)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr, fused=True)  # as psamf.personalized.pretrain
     epoch_end: list[float] = []
 
     def evaluate(m):

@@ -255,7 +255,7 @@ def train_personality(cfg: Config, *, on_epoch=None) -> dict[str, Any]:
         return {"valid_mse": float(np.mean((np.clip(p, 0, 1) - labels["valid"]) ** 2)),
                 "valid_mean_r": met["mean_r"], **{f"valid_r_{t}": v for t, v in met["r"].items()}}
 
-    opt = torch.optim.AdamW(_param_groups(model, pc.lr, pc.lr_head))
+    opt = torch.optim.AdamW(_param_groups(model, pc.lr, pc.lr_head), foreach=True)
     fp = config_fingerprint({"personality": {k: v for k, v in asdict(pc).items()
                                              if k not in ("epochs", "out_dir", "keep_checkpoints")},
                              "corpus_dir": str(corpus_dir.resolve()), "n_train": len(train_df),

@@ -109,7 +109,7 @@ def pretrain(cfg: Config, held_out: str, on_epoch=None) -> dict[str, Any]:
     valid = take(tensors, valid_idx, users[valid_idx])
     seed_everything(pc.seed)
     model = build_model(cfg, tensors, len(vocab))
-    opt = torch.optim.Adam(model.parameters(), lr=pc.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=pc.lr, fused=True)
 
     def evaluate(m: MulT) -> dict[str, float]:
         p = predict(m, valid, forward)
@@ -178,7 +178,7 @@ def _finetune_copy(base: MulT, vocab: UserVocab, user: str, cfg: Config, support
     if model.user_adapter is not None:
         model.user_adapter.grow(len(v))
     batch = dict(support, user=torch.full((len(support["label"]),), row, dtype=torch.long))
-    opt = torch.optim.Adam(model.param_groups(fc.lr_base, fc.lr_adapter))
+    opt = torch.optim.Adam(model.param_groups(fc.lr_base, fc.lr_adapter), fused=True)
     torch.manual_seed(seed)
     # Dropout off by default: with 5 samples in one full batch, dropout noise dominates the
     # gradient and Adam (which normalizes step size) turns it into a random walk of every

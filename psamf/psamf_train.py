@@ -354,7 +354,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
         return False
 
     fp = config_fingerprint(fingerprint)
-    opt = torch.optim.AdamW(model.param_groups(tc.lr, tc.lr_head))
+    opt = torch.optim.AdamW(model.param_groups(tc.lr, tc.lr_head), foreach=True)
     scheduler = lr_scheduler(opt, tc, n_train=len(data["train"]["label"]))
     if trial is not None:
         tags = {**tags, "trial": getattr(trial, "number", "")}
