@@ -8,8 +8,8 @@ seeded with (seed, epoch), so it does not depend on where a run was resumed.
 
 Optimizers: on CPU torch's Adam/AdamW default to a Python loop over the parameter tensors.
 MulT (pretrain, finetune) uses fused=True: one kernel, 6 vs 28 ms per step for MulT's 459
-tensors, which a 5-shot fine-tuning step is mostly made of; it rounds differently in the last
-bit. PSA-MF and the personality encoder use foreach=True: bit-identical to the default (checked
+tensors (the optimizer was about a quarter of a 5-shot fine-tuning step); it rounds
+differently in the last bit. PSA-MF and the personality encoder use foreach=True: bit-identical to the default (checked
 for both optimizers), so their committed benchmark numbers stand, and ~30% faster.
 """
 from __future__ import annotations
