@@ -2,10 +2,10 @@
 
 All components run in the one psamf image (psamf + kfp installed, so install_kfp_package=False).
 Set PSAMF_IMAGE when compiling for a cluster; locally, kfp.local's SubprocessRunner runs them
-in this virtualenv.
+in this virtualenv. Every input is content-keyed (see psamf.orchestration), so KFP can cache.
 """
 import os
-from typing import List
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -15,79 +15,100 @@ component = dsl.component(base_image=IMAGE, install_kfp_package=False)
 
 
 @component
-def decide(profile: str, overrides: List[str], name: str, force: bool) -> str:
-    from psamf.orchestration import retrain_decision
-    return retrain_decision(profile, overrides, name, force)
+def fingerprint(profile: str, overrides: List[str], params_yaml: str, data_source: str,
+                run_name: str) -> NamedTuple("Outputs", data_version=str, fingerprint=str):
+    from psamf.orchestration import fingerprint_stage
+    r = fingerprint_stage(profile, overrides, params_yaml, data_source, run_name)
+    return (r["data_version"], r["fingerprint"])
 
 
 @component
-def start_run(profile: str, overrides: List[str], name: str) -> str:
-    from psamf.orchestration import start_pipeline_run
-    return start_pipeline_run(profile, overrides, name)
+def fetch_data(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, data_source: str,
+               data_version: str, raw: Output[Dataset]):
+    from psamf.orchestration import fetch_stage
+    fetch_stage(profile, overrides, params_yaml, fingerprint, data_source, data_version, raw.path)
 
 
 @component
-def ingest(profile: str, overrides: List[str], parent_run_id: str, dataset: Output[Dataset],
-           metrics: Output[Metrics]):
+def ingest(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, raw: Input[Dataset],
+           dataset: Output[Dataset], metrics: Output[Metrics]):
     from psamf.orchestration import ingest_stage
-    ingest_stage(profile, overrides, dataset.path, parent_run_id, metrics)
+    ingest_stage(profile, overrides, params_yaml, fingerprint, raw.path, dataset.path, metrics)
 
 
 @component
-def validate(profile: str, overrides: List[str], parent_run_id: str, dataset: Input[Dataset],
+def validate(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
              data_docs: Output[HTML], metrics: Output[Metrics]):
     from psamf.orchestration import validate_stage
-    validate_stage(profile, overrides, dataset.path, data_docs.path, parent_run_id, metrics)
+    validate_stage(profile, overrides, params_yaml, fingerprint, dataset.path, data_docs.path, metrics)
 
 
 @component
-def personality(profile: str, overrides: List[str], parent_run_id: str, dataset: Input[Dataset],
+def personality(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, raw: Input[Dataset],
                 model: Output[Model], metrics: Output[Metrics]):
     from psamf.orchestration import personality_stage
-    personality_stage(profile, overrides, dataset.path, model.path, parent_run_id, metrics)
+    personality_stage(profile, overrides, params_yaml, fingerprint, raw.path, model.path, metrics)
 
 
 @component
-def pretrain(profile: str, overrides: List[str], parent_run_id: str, rank: int, dataset: Input[Dataset],
-             model: Output[Model]):
+def pretrain(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, rank: int,
+             dataset: Input[Dataset], model: Output[Model]):
     from psamf.orchestration import pretrain_stage
-    pretrain_stage(profile, overrides, dataset.path, rank, model.path, parent_run_id)
+    pretrain_stage(profile, overrides, params_yaml, fingerprint, dataset.path, rank, model.path)
 
 
 @component
-def finetune(profile: str, overrides: List[str], parent_run_id: str, rank: int, dataset: Input[Dataset],
-             pretrained: Input[Model], report: Output[Dataset]):
+def finetune(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, rank: int,
+             dataset: Input[Dataset], pretrained: Input[Model], report: Output[Dataset]):
     from psamf.orchestration import finetune_stage
-    finetune_stage(profile, overrides, dataset.path, rank, pretrained.path, report.path, parent_run_id)
+    finetune_stage(profile, overrides, params_yaml, fingerprint, dataset.path, rank, pretrained.path, report.path)
 
 
 @component
-def loo_report(profile: str, overrides: List[str], parent_run_id: str, dataset: Input[Dataset],
+def loo_report(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
                reports: Input[List[Dataset]], tables: Output[Artifact], markdown: Output[Markdown],
                metrics: Output[Metrics]):
     from psamf.orchestration import loo_report_stage
-    loo_report_stage(profile, overrides, dataset.path, [r.path for r in reports], tables.path, markdown.path,
-                     parent_run_id, metrics)
+    loo_report_stage(profile, overrides, params_yaml, fingerprint, dataset.path, [r.path for r in reports],
+                     tables.path, markdown.path, metrics)
 
 
 @component
-def tune(profile: str, overrides: List[str], parent_run_id: str, dataset: Input[Dataset],
-         personality_model: Input[Model], best_params: Output[Artifact], metrics: Output[Metrics]):
-    from psamf.orchestration import tune_stage
-    tune_stage(profile, overrides, dataset.path, personality_model.path, best_params.path, parent_run_id, metrics)
+def tune_study(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
+               personality_model: Input[Model]) -> str:
+    from psamf.orchestration import tune_study_stage
+    return tune_study_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path)
 
 
 @component
-def train(profile: str, overrides: List[str], parent_run_id: str, dataset: Input[Dataset],
+def tune_worker(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, rank: int,
+                dataset: Input[Dataset], personality_model: Input[Model], trials: Output[Artifact]):
+    from psamf.orchestration import tune_worker_stage
+    tune_worker_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path, rank,
+                      trials.path)
+
+
+@component
+def tune_report(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
+                personality_model: Input[Model], workers: Input[List[Artifact]], best_params: Output[Artifact],
+                metrics: Output[Metrics]):
+    from psamf.orchestration import tune_report_stage
+    tune_report_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path,
+                      best_params.path, metrics)
+
+
+@component
+def train(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
           personality_model: Input[Model], best_params: Input[Artifact], model: Output[Model],
           metrics: Output[Metrics]):
     from psamf.orchestration import train_stage
-    train_stage(profile, overrides, dataset.path, personality_model.path, best_params.path, model.path,
-                parent_run_id, metrics)
+    train_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path,
+                best_params.path, model.path, metrics)
 
 
 @component
-def register(profile: str, overrides: List[str], parent_run_id: str, dataset: Input[Dataset],
+def register(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
              personality_model: Input[Model], model: Input[Model], metrics: Output[Metrics]):
     from psamf.orchestration import register_stage
-    register_stage(profile, overrides, dataset.path, personality_model.path, model.path, parent_run_id, metrics)
+    register_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path, model.path,
+                   metrics)

@@ -43,7 +43,9 @@ def one_line_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except InputError as e:
-            typer.echo(f"psamf: error: {e}", err=True)
+            from psamf.redact import redact
+
+            typer.echo(f"psamf: error: {redact(str(e))}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -58,7 +60,7 @@ def echo_json(obj) -> None:
 def show_config(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
                 corpus: CorpusOpt = None) -> None:
     """Print the resolved config (profile merged, overrides applied)."""
-    echo_json(config_from(params, profile, set_, corpus).to_dict())
+    echo_json(config_from(params, profile, set_, corpus).loggable())
 
 
 @data_app.command("synth")
@@ -192,16 +194,12 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
 
     corpus -> ingest -> validate -> personality | LOO pretrain/finetune | tune -> train -> register;
     ends with the registry's champion. Same as `psamf pipeline run`, plus a summary."""
-    import os
-
     from psamf.pipeline import run_local
     from psamf.registry import list_versions, registered_name
     from psamf.tracking import tracking_uri
 
-    if params is not None:  # the tasks read $PSAMF_PARAMS
-        os.environ["PSAMF_PARAMS"] = str(params.resolve())
     cfg = config_from(params, profile, set_)
-    result = run_local(cfg.profile, list(set_ or []), root)
+    result = run_local(cfg.profile, list(set_ or []), root, params=params)
     listing = list_versions(cfg, registered_name(cfg, "psamf"))
     champ = next((v for v in listing["versions"] if v["champion"]), None)
     typer.echo(f"pipeline finished in {result['wall_s']} s; task outputs under {result['pipeline_root']}")

@@ -1,7 +1,7 @@
 """`psamf pipeline ...`: run the KFP pipeline locally, compile it, submit it, schedule it."""
 # No `from __future__ import annotations`: Typer resolves these annotations at runtime.
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,22 +13,21 @@ def register(app: typer.Typer) -> None:
     pipe = typer.Typer(help="The Kubeflow pipeline: local run, compile, submit, schedule.", no_args_is_help=True)
     app.add_typer(pipe, name="pipeline")
     HostOpt = Annotated[str, typer.Option("--host", help="KFP API endpoint, e.g. http://localhost:8080")]
-
-    def _overrides(params: Optional[Path], sets: Optional[list[str]]) -> list[str]:
-        if params is not None:  # tasks read ./params.yaml (or $PSAMF_PARAMS); keep them on the same file
-            import os
-            os.environ["PSAMF_PARAMS"] = str(params.resolve())
-        return list(sets or [])
+    SourceOpt = Annotated[str, typer.Option(
+        "--source", help="the corpus: synthetic | dvc | dvc:<md5>[@<remote url>] | s3://bucket/prefix")]
 
     @pipe.command("run")
     @one_line_errors
-    def run(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+    def run(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None, source: SourceOpt = "synthetic",
             root: Annotated[Path, typer.Option(help="kfp.local pipeline_root (task outputs)")] = Path("reports/kfp"),
+            skip_unchanged: Annotated[bool, typer.Option(
+                "--skip-unchanged", help="skip when a completed run has the same code, data and params")] = False,
             ) -> None:
         """Run the whole DAG locally with kfp.local's SubprocessRunner (no cluster, no Docker)."""
         from psamf.pipeline import run_local
 
-        echo_json(run_local(profile or "demo", _overrides(params, set_), root))
+        echo_json(run_local(profile, list(set_ or []), root, force=not skip_unchanged, params=params,
+                            data_source=source))
 
     @pipe.command("compile")
     @one_line_errors
@@ -40,19 +39,21 @@ def register(app: typer.Typer) -> None:
 
     @pipe.command("submit")
     @one_line_errors
-    def submit(host: HostOpt, params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-        """Submit one run to a KFP cluster."""
+    def submit(host: HostOpt, params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+               source: SourceOpt = "synthetic") -> None:
+        """Submit one run to a KFP cluster (params file, profile and overrides travel as pipeline parameters)."""
         from psamf.pipeline import submit as do_submit
 
-        echo_json(do_submit(host, profile or "demo", _overrides(params, set_)))
+        echo_json(do_submit(host, profile, list(set_ or []), params=params, data_source=source))
 
     @pipe.command("schedule")
     @one_line_errors
     def schedule(host: HostOpt,
                  cron: Annotated[str, typer.Option("--cron", help="6-field cron, seconds first: '0 0 3 * * *'")],
                  name: Annotated[str, typer.Option(help="recurring run name")] = "psamf-retrain",
-                 params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
-        """Create a recurring run (max_concurrency 1, no catch-up); unchanged data+code skips retraining."""
+                 params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                 source: SourceOpt = "synthetic") -> None:
+        """Create a recurring run (max_concurrency 1, no catch-up); KFP's cache skips unchanged code+data+params."""
         from psamf.pipeline import schedule as do_schedule
 
-        echo_json(do_schedule(host, cron, profile or "demo", _overrides(params, set_), name=name))
+        echo_json(do_schedule(host, cron, profile, list(set_ or []), name=name, params=params, data_source=source))

@@ -219,6 +219,11 @@ class TrackingConfig:
 
 
 @dataclass
+class CheckpointsConfig:
+    uri: str | None = None
+
+
+@dataclass
 class RegistryConfig:
     psamf_model: str = "psamf-psamf"
     mult_model: str = "psamf-mult"
@@ -243,13 +248,20 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def loggable(self) -> dict[str, Any]:
+        """to_dict() with credentials masked: what may be written, printed or logged."""
+        from psamf.redact import redact_tree
+
+        return redact_tree(self.to_dict())
+
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values; what MLflow logs as params."""
-        return flatten(self.to_dict())
+        """Dotted keys -> values, credentials masked; what MLflow logs as params."""
+        return flatten(self.loggable())
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,16 +5,23 @@ functions map them onto the same config keys the CLI and dvc.yaml use, call the 
 functions, and report numbers to a KFP Metrics artifact. No stage logic lives here, only the
 path mapping, so `psamf pipeline run`, `dvc repro` and `make demo` do the same work.
 
-Layout of a `dataset` artifact: `raw/` (SDK corpus), `prepared/` (ingest output), `cache/`
-(text features, computed once at ingest so every LOO task reuses them).
+Every task gets only content-keyed inputs, so KFP's cache can skip it when nothing changed:
+`profile`, `overrides`, `params_yaml` (the params file's text; '' = the image's params.yaml),
+the run's `fingerprint` (psamf.fingerprint: code + data + params) and artifacts made by
+cached tasks. The MLflow parent run is found (or created) from the fingerprint.
+
+Artifacts: `raw` (fetch: `raw/<corpus>/...` + source.json), `dataset` (ingest: `prepared/`
+and `cache/`, the text features computed once so every LOO task reuses them).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -25,20 +32,63 @@ class MetricsSink(Protocol):
     def log_metric(self, metric: str, value: float) -> None: ...
 
 
+LOOP_THREADS_ENV = "PSAMF_LOOP_THREADS"
+
+
+def params_file(params_yaml: str) -> Path | None:
+    """The pipeline's params text as a file the config loader reads (content-addressed)."""
+    if not params_yaml:
+        return None
+    path = Path(tempfile.gettempdir()) / f"psamf-params-{hashlib.sha256(params_yaml.encode()).hexdigest()[:16]}.yaml"
+    if not path.is_file():
+        from psamf.io import write_text
+        write_text(path, params_yaml)
+    return path
+
+
+def raw_overrides(raw: str | Path) -> list[str]:
+    """A fetched `raw` artifact as the data root: its corpora, MOSI SDK dir and personality corpus."""
+    r = Path(raw) / "raw"
+    mosi = [f"data.mosi_dir={r / 'mosi'}"] if (r / "mosi").is_dir() else []
+    return [f"data.raw_dir={r}", f"data.shared_dir={r}", *mosi]
+
+
 def dataset_overrides(dataset: str | Path) -> list[str]:
     d = Path(dataset)
-    return [f"data.raw_dir={d / 'raw'}", f"data.prepared_dir={d / 'prepared'}", f"text_features.cache_dir={d / 'cache'}"]
+    return [f"data.prepared_dir={d / 'prepared'}", f"text_features.cache_dir={d / 'cache'}"]
 
 
-def stage_config(profile: str, overrides: Sequence[str], dataset: str | Path | None = None,
-                 parent_run_id: str = "", extra: Sequence[str] = ()) -> Config:
-    """The config a task runs with: params.yaml + profile + the run's overrides + artifact paths."""
-    from psamf.tracking import PARENT_ENV
+def set_task_threads() -> None:
+    """Torch threads: the LOO loop's share when kfp.local runs iterations side by side
+    ($PSAMF_LOOP_THREADS, set by run_local), else the pod's cgroup CPU limit."""
+    import torch
 
-    if parent_run_id:
-        os.environ[PARENT_ENV] = parent_run_id  # this task's stage runs nest under the pipeline run
-    paths = dataset_overrides(dataset) if dataset is not None else []
-    return load_config(None, profile or None, [*overrides, *paths, *extra])
+    from psamf.resources import cpu_count
+
+    n = os.environ.get(LOOP_THREADS_ENV) or (None if os.environ.get("OMP_NUM_THREADS") else str(cpu_count()))
+    if n:
+        torch.set_num_threads(max(1, int(n)))
+
+
+def stage_config(profile: str, overrides: Sequence[str], params_yaml: str = "", fingerprint: str = "", *,
+                 raw: str | Path | None = None, dataset: str | Path | None = None,
+                 extra: Sequence[str] = ()) -> Config:
+    """The config a task runs with: params + profile + the run's overrides + artifact paths.
+
+    With a fingerprint, the task's stage runs nest under that pipeline run in MLflow."""
+    from psamf import tracking
+
+    paths = [*(raw_overrides(raw) if raw is not None else []), *(dataset_overrides(dataset) if dataset is not None else [])]
+    if raw is not None:
+        os.environ.pop("PSAMF_SHARED_DATA", None)  # the task reads its artifact, never a host path
+        source = Path(raw) / "source.json"
+        if source.is_file():
+            from psamf.fingerprint import DATA_ENV
+            os.environ[DATA_ENV] = json.loads(source.read_text())["data_version"]
+    cfg = load_config(params_file(params_yaml), profile or None, [*overrides, *paths, *extra])
+    if fingerprint:
+        os.environ[tracking.PARENT_ENV] = tracking.pipeline_run(cfg, fingerprint)
+    return cfg
 
 
 def log_metrics(sink: MetricsSink | None, values: dict[str, Any], prefix: str = "") -> None:
@@ -49,80 +99,76 @@ def log_metrics(sink: MetricsSink | None, values: dict[str, Any], prefix: str = 
             sink.log_metric(f"{prefix}{k}", float(v))
 
 
-def retrain_decision(profile: str, overrides: Sequence[str], name: str, force: bool = True) -> str:
-    """'run' or 'skip': skip when a completed pipeline run has the same data, code and config.
+# ---------------------------------------------------------------------------- data
 
-    A skip is recorded in MLflow as a `pipeline` run tagged skipped=true with the reason."""
+def fingerprint_stage(profile: str, overrides: Sequence[str], params_yaml: str, data_source: str,
+                      name: str = "kfp") -> dict[str, str]:
+    """The run's data version (from the source, no download) and fingerprint; opens the parent
+    run. This task is never cached: it is what notices that the data or the code changed."""
     from psamf import tracking
-    from psamf.pipeline import should_run
+    from psamf.config import default_params_path
+    from psamf.data.source import source_version
+    from psamf.fingerprint import code_version, params_hash, pipeline_fingerprint
 
-    cfg = stage_config(profile, overrides)
-    go, reason, fp = should_run(cfg, overrides, force)
-    if not go:
-        tags = {"pipeline_fingerprint": fp, "skipped": True, "decision_reason": reason, "completed": False}
-        with tracking.stage_run(cfg, "pipeline", f"{name}[skipped]", tags):
-            pass
-    return "run" if go else "skip"
-
-
-def start_pipeline_run(profile: str, overrides: Sequence[str], name: str) -> str:
-    """Open the parent MLflow run every task nests under; returns its id ('' with tracking off).
-
-    It carries the run's fingerprint; `finish_pipeline_run` marks it completed at the end."""
-    from psamf import tracking
-    from psamf.pipeline import pipeline_fingerprint
-
-    cfg = stage_config(profile, overrides)
-    tags = {"pipeline_fingerprint": pipeline_fingerprint(cfg, overrides), "skipped": False, "decision_reason": "", "completed": False}
-    with tracking.stage_run(cfg, "pipeline", name, tags) as run:
-        return run.info.run_id or ""
+    cfg = stage_config(profile, overrides, params_yaml)
+    text = params_yaml or (default_params_path().read_text() if default_params_path().is_file() else "")
+    data_version = source_version(cfg, data_source)
+    fp = pipeline_fingerprint(cfg.profile, overrides, data_version, params_text=text)
+    tracking.pipeline_run(cfg, fp, name, tags={"data_version": data_version, "code_version": code_version(),
+                                                "params_hash": params_hash(cfg.profile, overrides, text)})
+    return {"data_version": data_version, "fingerprint": fp, "code_version": code_version()}
 
 
-def finish_pipeline_run(cfg: Config, parent_run_id: str) -> None:
-    """Mark the parent run completed: later scheduled runs may skip against it."""
-    if not parent_run_id:
-        return
-    import mlflow
+def fetch_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, data_source: str,
+                data_version: str, raw: str) -> dict[str, Any]:
+    """Materialize the corpus into the `raw` artifact (simulating MOSI's AV when it has none)."""
+    from psamf.data.source import materialize
+    from psamf.io import write_json
 
-    from psamf import tracking
+    del fingerprint  # a cache key only: this task talks to no tracking server
+    cfg = stage_config(profile, overrides, params_yaml)
+    report = materialize(cfg, data_source, raw, expect_version=data_version)
+    if cfg.data.corpus == "mosi":
+        from psamf.data.ingest import corpus_sources
+        from psamf.errors import InputError
 
-    if tracking.enabled():
-        mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-        mlflow.MlflowClient().set_tag(parent_run_id, "completed", "true")
+        cfg = stage_config(profile, overrides, params_yaml, raw=raw)
+        try:
+            corpus_sources(cfg)
+        except InputError:  # no real or simulated AV features in the source
+            from psamf.data.mosi import simulate_av
+
+            sim = Path(raw) / "simulated-av"  # simulate_av swaps in a whole dir: not the SDK dir itself
+            report["simulated_av"] = simulate_av(cfg, sim)
+            for f in sim.iterdir():
+                os.replace(f, cfg.data.mosi_path / f.name)
+            sim.rmdir()
+    write_json(Path(raw) / "source.json", report)
+    return report
 
 
-def ingest_stage(profile: str, overrides: Sequence[str], dataset: str, parent_run_id: str = "",
-                 metrics: MetricsSink | None = None) -> dict[str, Any]:
-    """Build or simulate the raw corpus as configured, ingest it, precompute text features."""
+def ingest_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, raw: str,
+                 dataset: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
+    """Ingest the fetched corpus, then precompute the text features once for every later task."""
     from psamf.data.ingest import ingest
     from psamf.data.prepared import load_prepared
     from psamf.data.text_features import text_features
 
-    cfg = stage_config(profile, overrides, dataset, parent_run_id)
-    if cfg.data.corpus == "synthetic":
-        from psamf.data.synth import write_synthetic_corpus
-        write_synthetic_corpus(cfg)
-    elif cfg.data.corpus == "mosi":
-        from psamf.data.ingest import corpus_sources
-        from psamf.errors import InputError
-        try:
-            corpus_sources(cfg)
-        except InputError:  # no real or simulated AV features yet
-            from psamf.data.mosi import simulate_av
-            simulate_av(cfg)
+    set_task_threads()
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, raw=raw, dataset=dataset)
     report = ingest(cfg)
     text_features(cfg, load_prepared(cfg.data.prepared_path))
     log_metrics(metrics, {k: report[k] for k in ("n_labelled", "n_prepared")})
     return report
 
 
-def validate_stage(profile: str, overrides: Sequence[str], dataset: str, docs_html: str,
-                   parent_run_id: str = "", metrics: MetricsSink | None = None) -> None:
+def validate_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                   docs_html: str, metrics: MetricsSink | None = None) -> None:
     """Run the GX suites; a failure raises, which fails the task and stops the run."""
     from psamf.validation import validate
 
-    cfg = stage_config(profile, overrides, dataset, parent_run_id)
-    out = Path(dataset).parent / (Path(dataset).name + "-validation")
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset)
+    out = Path(docs_html).parent / (Path(docs_html).name + "-validation")
     result = validate(cfg, out)
     Path(docs_html).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.data_docs_index, docs_html)  # GX's index page: the run's overview
@@ -131,38 +177,26 @@ def validate_stage(profile: str, overrides: Sequence[str], dataset: str, docs_ht
         raise RuntimeError("validation failed: " + "; ".join(result.failures[:5]))
 
 
-def personality_stage(profile: str, overrides: Sequence[str], dataset: str, model: str,
-                      parent_run_id: str = "", metrics: MetricsSink | None = None) -> dict[str, Any]:
+# ---------------------------------------------------------------------------- Personalized MulT
+
+def personality_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, raw: str,
+                      model: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
     from psamf.personality_model import train_personality
 
-    cfg = stage_config(profile, overrides, dataset, parent_run_id, [f"personality.out_dir={model}"])
+    set_task_threads()
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, raw=raw, extra=[f"personality.out_dir={model}"])
     report = train_personality(cfg)
     log_metrics(metrics, {f"test_r_{k}": v for k, v in (report.get("test") or {}).items()})
     return report
 
 
-LOOP_THREADS_ENV = "PSAMF_LOOP_THREADS"
-
-
-def share_cores_in_loop() -> None:
-    """Torch threads for a task inside the LOO ParallelFor, when the runner says how many.
-
-    kfp.local runs two loop iterations at once on this machine's cores; with torch's default
-    (all cores each) they oversubscribe the CPU and each runs several times slower. `run_local`
-    sets $PSAMF_LOOP_THREADS; on a cluster every pod has its own CPUs and it stays unset."""
-    n = os.environ.get(LOOP_THREADS_ENV)
-    if n:
-        import torch
-
-        torch.set_num_threads(max(1, int(n)))
-
-
-def pretrain_stage(profile: str, overrides: Sequence[str], dataset: str, rank: int, model: str,
-                   parent_run_id: str = "") -> dict[str, Any] | None:
+def pretrain_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                   rank: int, model: str) -> dict[str, Any] | None:
     from psamf.personalized import pretrain, user_at_rank
 
-    share_cores_in_loop()
-    cfg = stage_config(profile, overrides, dataset, parent_run_id, [f"pretrain.out_dir={model}"])
+    set_task_threads()
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
+                       extra=[f"pretrain.out_dir={model}"])
     user = user_at_rank(cfg, rank)
     if user is None:  # a rank slot beyond data.loo_users
         Path(model).mkdir(parents=True, exist_ok=True)
@@ -170,14 +204,15 @@ def pretrain_stage(profile: str, overrides: Sequence[str], dataset: str, rank: i
     return pretrain(cfg, user)
 
 
-def finetune_stage(profile: str, overrides: Sequence[str], dataset: str, rank: int, pretrained: str,
-                   report: str, parent_run_id: str = "") -> dict[str, Any] | None:
+def finetune_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                   rank: int, pretrained: str, report: str) -> dict[str, Any] | None:
     """Writes the user's finetune report JSON to `report` (an empty JSON object for a skipped slot)."""
     from psamf.io import write_json
     from psamf.personalized import finetune, user_at_rank
 
-    share_cores_in_loop()
-    cfg = stage_config(profile, overrides, dataset, parent_run_id, [f"pretrain.out_dir={pretrained}"])
+    set_task_threads()
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
+                       extra=[f"pretrain.out_dir={pretrained}"])
     user = user_at_rank(cfg, rank)
     if user is None:
         write_json(report, {})
@@ -185,12 +220,12 @@ def finetune_stage(profile: str, overrides: Sequence[str], dataset: str, rank: i
     return finetune(cfg, user, report_path=report)
 
 
-def loo_report_stage(profile: str, overrides: Sequence[str], dataset: str, reports: Sequence[str],
-                     out_dir: str, markdown: str, parent_run_id: str = "",
+def loo_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                     reports: Sequence[str], out_dir: str, markdown: str,
                      metrics: MetricsSink | None = None) -> dict[str, Any]:
     from psamf.personalized import tracked_loo_report
 
-    cfg = stage_config(profile, overrides, dataset, parent_run_id)
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset)
     files = [Path(p) for p in reports if json.loads(Path(p).read_text() or "{}")]  # drop skipped slots
     summary = tracked_loo_report(cfg, report_files=files, out_dir=out_dir)
     shutil.copyfile(summary["files"]["markdown"], markdown)
@@ -198,44 +233,78 @@ def loo_report_stage(profile: str, overrides: Sequence[str], dataset: str, repor
     return summary
 
 
-def tune_stage(profile: str, overrides: Sequence[str], dataset: str, personality: str, best_params: str,
-               parent_run_id: str = "", metrics: MetricsSink | None = None) -> dict[str, Any]:
-    from psamf.tune import report_dir, tune
+# ---------------------------------------------------------------------------- PSA-MF
 
-    storage = os.environ.get("PSAMF_OPTUNA_STORAGE")
-    extra = [f"psamf.personality_encoder={personality}", f"tune.out_dir={Path(best_params).parent / 'tune'}"]
-    cfg = stage_config(profile, overrides, dataset, parent_run_id, extra + ([f"tune.storage={storage}"] if storage else []))
-    if parent_run_id:
-        # One study per pipeline run: a shared storage (PostgreSQL) must not hand this run the
-        # finished trials of an earlier run on other data. A retried task resumes its own study.
+def _tune_config(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                 personality: str, out_dir: str) -> Config:
+    """One study per fingerprint: a shared storage (PostgreSQL) never hands a run the trials of
+    another run's data or code, and a retried task resumes its own study. The storage URL
+    itself is read from $PSAMF_OPTUNA_STORAGE where it is used (psamf.tune.storage_url)."""
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
+                       extra=[f"psamf.personality_encoder={personality}", f"tune.out_dir={out_dir}"])
+    if fingerprint:
         cfg = dataclasses.replace(cfg, tune=dataclasses.replace(
-            cfg.tune, study_name=f"{cfg.tune.study_name}-{parent_run_id[:12]}"))
-    result = tune(cfg)
+            cfg.tune, study_name=f"{cfg.tune.study_name}-{fingerprint}"))
+    return cfg
+
+
+def tune_study_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                     personality: str) -> str:
+    """Create the study once, before any worker task starts (concurrent creation races)."""
+    from psamf.tune import _preflight, create_study
+
+    cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality, tempfile.mkdtemp())
+    _preflight(cfg)
+    create_study(cfg)
+    return cfg.tune.study_name
+
+
+def tune_worker_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                      personality: str, rank: int, out_dir: str) -> dict[str, Any]:
+    """One worker of the study (a ParallelFor iteration, one GPU each on a cluster)."""
+    from psamf.tune import tune
+
+    set_task_threads()
+    cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality, out_dir)
+    return tune(cfg, workers=1, join=True, worker_index=rank)
+
+
+def tune_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                      personality: str, best_params: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
+    from psamf.tune import finish_study, report_dir
+
+    cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality,
+                       str(Path(best_params).parent / "tune"))
+    result = finish_study(cfg)
     shutil.copyfile(report_dir(cfg) / "best_params.json", best_params)
     log_metrics(metrics, {"best_valid_mae": result.get("best_value")})
     return result
 
 
-def train_stage(profile: str, overrides: Sequence[str], dataset: str, personality: str, best_params: str,
-                model: str, parent_run_id: str = "", metrics: MetricsSink | None = None) -> dict[str, Any]:
+def train_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                personality: str, best_params: str, model: str,
+                metrics: MetricsSink | None = None) -> dict[str, Any]:
     from psamf.psamf_train import train_psamf
     from psamf.tune import best_params_overrides
 
-    best = best_params_overrides(best_params)
-    cfg = stage_config(profile, overrides, dataset, parent_run_id,
-                       [f"psamf.personality_encoder={personality}", *best])
+    set_task_threads()
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
+                       extra=[f"psamf.personality_encoder={personality}", *best_params_overrides(best_params)])
     result = train_psamf(cfg, out_dir=model)
     log_metrics(metrics, result["test"], prefix="test_")
     return result
 
 
-def register_stage(profile: str, overrides: Sequence[str], dataset: str, personality: str, model: str,
-                   parent_run_id: str = "", metrics: MetricsSink | None = None) -> dict[str, Any]:
+def register_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                   personality: str, model: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
+    """The gate, then the pipeline's parent run is marked completed."""
+    from psamf import tracking
     from psamf.registry import register_stage as gate
 
-    cfg = stage_config(profile, overrides, dataset, parent_run_id, [f"psamf.personality_encoder={personality}"])
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
+                       extra=[f"psamf.personality_encoder={personality}"])
     result = gate(cfg, "psamf", model_dir=model)
-    finish_pipeline_run(cfg, parent_run_id)
+    tracking.complete_pipeline_run(cfg, os.environ.get(tracking.PARENT_ENV, ""))
     log_metrics(metrics, {"promoted": float(bool(result.get("promoted"))), **{
         f"test_{k}": v for k, v in (result.get("metrics") or {}).items()}})
     return result

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from psamf import tracking
+from psamf.checkpoints import store_for
 from psamf.config import Config
 from psamf.data.personality import (FI_DIRNAME, SYNTHETIC_MARKER, TRAITS, corpus_info,
                                     load_personality_corpus, speaker_disjoint_split)
@@ -262,10 +263,12 @@ def train_personality(cfg: Config, *, on_epoch=None) -> dict[str, Any]:
                              "device": device.type, "amp": amp, "files": _files_key(corpus_dir)})
     info = corpus_info(df)
     tags = {"personality_corpus": str(corpus_dir), "personality_synthetic": synthetic, "encoder": pc.encoder}
+    store = store_for(cfg, "personality", fp)
     with tracking.stage_run(cfg, "personality", tags=tags):
         result = fit(model, opt, train, loss_fn, evaluate, epochs=pc.epochs, batch_size=pc.batch_size,
                      patience=max(1, pc.epochs), seed=pc.split_seed, ckpt_dir=ckpt, fingerprint=fp,
-                     monitor="valid_mse", on_epoch=on_epoch or tracking.epoch_logger(), desc="personality")
+                     monitor="valid_mse", on_epoch=on_epoch or tracking.epoch_logger(), desc="personality",
+                     store=store)
         progress.close()
         metrics = {s: trait_metrics(raw_pred(model, s), labels[s]) for s in ("valid", "test")}
         _fold_standardization(head, mean, sd)
@@ -293,6 +296,8 @@ def train_personality(cfg: Config, *, on_epoch=None) -> dict[str, Any]:
         tracking.log_artifact(out_dir / "metrics.json", "personality")
     if not pc.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
+        if store is not None:
+            store.discard()
     return report
 
 

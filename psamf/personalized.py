@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from psamf.checkpoints import store_for
 from psamf.config import Config
 from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.data.text_features import text_features
@@ -36,7 +37,7 @@ from psamf.metrics import regression_metrics
 from psamf.models.mult import MulT
 from psamf.models.user_adapter import UserVocab
 from psamf.stats import mean_ci, paired_diff
-from psamf.training import Batch, config_fingerprint, fit, predict, seed_everything
+from psamf.training import Batch, config_fingerprint, fit, predict, seed_everything, tensor_digest
 from psamf import tracking
 
 log = logging.getLogger(__name__)
@@ -118,13 +119,14 @@ def pretrain(cfg: Config, held_out: str, on_epoch=None) -> dict[str, Any]:
 
     fp = config_fingerprint({"mult": asdict(cfg.mult), "ua": asdict(cfg.user_adapter), "pretrain": asdict(pc),
                              "seq_len": cfg.data.seq_len, "held_out": held_out, "text": source,
-                             "n": len(train_idx)})
+                             "n": len(train_idx), "data": tensor_digest(tensors)})
+    store = store_for(cfg, "pretrain", fp)
     with tracking.stage_run(cfg, "pretrain", f"pretrain[{held_out}]",
                             {"loo_user": held_out, "av_simulated": ds.av_simulated, "text_features": source}):
         log_epoch = tracking.epoch_logger()
         result = fit(model, opt, train, l1_loss, evaluate, epochs=pc.epochs, batch_size=pc.batch_size,
                      patience=pc.patience, seed=pc.seed, ckpt_dir=out, fingerprint=fp, grad_clip=pc.grad_clip,
-                     on_epoch=on_epoch or log_epoch, desc=f"pretrain[{held_out}]")
+                     on_epoch=on_epoch or log_epoch, desc=f"pretrain[{held_out}]", store=store)
         tracking.log_metrics({"best_valid_mae": result.best_score, "best_epoch": result.best_epoch})
     torch.save({"state_dict": model.state_dict(), "users": vocab.to_list(), "text_source": source,
                 "dims": {m: int(tensors[m].shape[-1]) for m in ("text", "audio", "visual")}},
@@ -136,6 +138,8 @@ def pretrain(cfg: Config, held_out: str, on_epoch=None) -> dict[str, Any]:
               "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
               "history": result.history, "valid": result.history[result.best_epoch] if result.history else {}}
     write_json(out / "metrics.json", report)
+    if store is not None:  # model.pt is written: a retry from here on needs no checkpoint
+        store.discard()
     return report
 
 

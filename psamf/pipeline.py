@@ -5,20 +5,19 @@
     submit      one run on a KFP endpoint
     schedule    a recurring run: max_concurrency 1, no catch-up
 
-Scheduled runs skip retraining when neither the data nor the code changed since the last
-finished pipeline run with the same profile and overrides (`should_run`); the skip is recorded
-as an MLflow run tagged `skipped=true`. `force` retrains anyway.
+On a cluster, KFP's cache skips every task whose inputs (fingerprint: code + data + params)
+are unchanged. kfp.local has no cache, so `run_local(force=False)` checks the fingerprint
+against completed MLflow pipeline runs first (psamf.fingerprint.should_run) and records a skip.
+`--params FILE` travels as the pipeline parameter `params_yaml` (its text), so a pod that holds
+only the image reads the same keys as the machine that submitted the run.
+
+This is the only library module that imports pipelines/.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
-
-from psamf import __version__
 
 PIPELINE_NAME = "psamf-training"
 LOCAL_LOOP_WORKERS = 2  # kfp.local's cap on concurrent ParallelFor iterations (2.17)
@@ -30,14 +29,31 @@ def _pipeline():
     return training
 
 
-def pipeline_arguments(profile: str, overrides: Sequence[str], ranks: int | None = None,
-                       run_name: str = "kfp", force: bool = False) -> dict[str, Any]:
+def pipeline_arguments(profile: str | None, overrides: Sequence[str], params: str | Path | None = None,
+                       data_source: str = "synthetic", ranks: int | None = None,
+                       run_name: str = "kfp") -> dict[str, Any]:
+    """The pipeline's parameters; the config is loaded here first so a bad key fails before any task."""
     from psamf.config import load_config
 
-    cfg = load_config(None, profile, list(overrides))  # fail fast on a bad key, before any task starts
+    cfg = load_config(params, profile, list(overrides))
     k = cfg.data.loo_users if ranks is None else ranks
-    return {"profile": cfg.profile, "overrides": list(overrides), "loo_ranks": list(range(k)),
-            "run_name": run_name, "force": force}
+    return {"profile": cfg.profile, "overrides": list(overrides),
+            "params_yaml": Path(params).read_text() if params else "", "data_source": data_source,
+            "loo_ranks": list(range(k)), "tune_workers": list(range(max(1, cfg.tune.workers))),
+            "run_name": run_name}
+
+
+def local_fingerprint(args: dict[str, Any]) -> tuple[Any, str]:
+    """(config, fingerprint) of a run with these pipeline arguments, as its `fingerprint` task computes it."""
+    from psamf.config import default_params_path, load_config
+    from psamf.data.source import source_version
+    from psamf.fingerprint import pipeline_fingerprint
+    from psamf.orchestration import params_file
+
+    cfg = load_config(params_file(args["params_yaml"]), args["profile"], args["overrides"])
+    text = args["params_yaml"] or (default_params_path().read_text() if default_params_path().is_file() else "")
+    return cfg, pipeline_fingerprint(cfg.profile, args["overrides"], source_version(cfg, args["data_source"]),
+                                     params_text=text)
 
 
 def compile_pipeline(path: str | Path) -> Path:
@@ -51,36 +67,57 @@ def compile_pipeline(path: str | Path) -> Path:
     return path
 
 
-def run_local(profile: str, overrides: Sequence[str], pipeline_root: str | Path = "reports/kfp",
-              force: bool = True) -> dict[str, Any]:
-    """Run the whole DAG locally; returns the wall time and the task outputs' root."""
+def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str | Path = "reports/kfp",
+              force: bool = True, params: str | Path | None = None, data_source: str = "synthetic",
+              run_name: str = "kfp-local") -> dict[str, Any]:
+    """Run the whole DAG locally; returns the wall time and the task outputs' root.
+
+    force=False skips the run when a completed pipeline run has the same fingerprint."""
+    import os
+
     from kfp import local
 
     from psamf.orchestration import LOOP_THREADS_ENV
+    from psamf.resources import cpu_count
 
+    args = pipeline_arguments(profile, overrides, params, data_source, run_name=run_name)
+    if not force:
+        from psamf import tracking
+        from psamf.fingerprint import should_run
+
+        cfg, fp = local_fingerprint(args)
+        go, reason = should_run(cfg, fp)
+        if not go:
+            with tracking.stage_run(cfg, "pipeline", f"{run_name}[skipped]",
+                                    {"pipeline_fingerprint": fp, "skipped": True, "decision_reason": reason}):
+                pass
+            return {"skipped": True, "reason": reason, "fingerprint": fp}
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # kfp.local runs up to LOCAL_LOOP_WORKERS ParallelFor iterations at once: share the cores.
-    os.environ.setdefault(LOOP_THREADS_ENV, str(max(1, (os.cpu_count() or 1) // LOCAL_LOOP_WORKERS)))
+    os.environ.setdefault(LOOP_THREADS_ENV, str(max(1, cpu_count() // LOCAL_LOOP_WORKERS)))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     t0 = time.perf_counter()
-    _pipeline()(**pipeline_arguments(profile, overrides, run_name="kfp-local", force=force))
+    _pipeline()(**args)
     return {"pipeline_root": str(root), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def submit(host: str, profile: str, overrides: Sequence[str], experiment: str = "psamf",
-           package: str | Path | None = None) -> dict[str, Any]:
+def submit(host: str, profile: str | None, overrides: Sequence[str], experiment: str = "psamf",
+           package: str | Path | None = None, params: str | Path | None = None,
+           data_source: str = "synthetic") -> dict[str, Any]:
     import kfp
 
     client = kfp.Client(host=host)
     package = package or compile_pipeline(Path("reports") / "psamf-training.yaml")
-    run = client.create_run_from_pipeline_package(str(package), arguments=pipeline_arguments(profile, overrides),
-                                                  experiment_name=experiment, run_name=f"psamf-{profile}")
+    args = pipeline_arguments(profile, overrides, params, data_source)
+    run = client.create_run_from_pipeline_package(str(package), arguments=args, experiment_name=experiment,
+                                                  run_name=f"psamf-{args['profile']}")
     return {"run_id": run.run_id, "host": host}
 
 
-def schedule(host: str, cron: str, profile: str, overrides: Sequence[str], experiment: str = "psamf",
-             name: str = "psamf-retrain", package: str | Path | None = None) -> dict[str, Any]:
+def schedule(host: str, cron: str, profile: str | None, overrides: Sequence[str], experiment: str = "psamf",
+             name: str = "psamf-retrain", package: str | Path | None = None, params: str | Path | None = None,
+             data_source: str = "synthetic") -> dict[str, Any]:
     """A recurring run. KFP's cron has a seconds field: '0 0 3 * * *' is 03:00 every day."""
     import kfp
 
@@ -92,53 +129,6 @@ def schedule(host: str, cron: str, profile: str, overrides: Sequence[str], exper
     exp = client.create_experiment(experiment)
     job = client.create_recurring_run(experiment_id=exp.experiment_id, job_name=name, cron_expression=cron,
                                       max_concurrency=1, no_catchup=True, pipeline_package_path=str(package),
-                                      params=pipeline_arguments(profile, overrides, run_name="scheduled",
-                                                                force=False))
+                                      params=pipeline_arguments(profile, overrides, params, data_source,
+                                                                run_name="scheduled"))
     return {"recurring_run_id": getattr(job, "recurring_run_id", None), "cron": cron}
-
-
-# ---- skip when nothing changed -------------------------------------------------------------------
-
-def run_fingerprint(profile: str, overrides: Sequence[str], data_hash: str, code: str) -> str:
-    blob = json.dumps({"profile": profile, "overrides": sorted(overrides), "data": data_hash, "code": code},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def code_version() -> str:
-    """The git commit when there is one, else the package version (what an image carries)."""
-    from psamf.tracking import git_commit
-
-    commit = git_commit()
-    return commit if commit != "unknown" else f"psamf-{__version__}"
-
-
-def pipeline_fingerprint(cfg, overrides: Sequence[str]) -> str:
-    """What a pipeline run is of: profile, overrides, the data hash and the code version."""
-    from psamf import tracking
-
-    return run_fingerprint(cfg.profile, overrides, tracking.data_hash(), code_version())
-
-
-def should_run(cfg, overrides: Sequence[str], force: bool) -> tuple[bool, str, str]:
-    """(run?, reason, fingerprint): skip if a completed pipeline run has the same fingerprint.
-
-    `completed` is set on the parent run by the last stage (register), so a run that failed
-    half-way never causes a skip."""
-    import mlflow
-
-    from psamf import tracking
-
-    fp = pipeline_fingerprint(cfg, overrides)
-    if force:
-        return True, "forced", fp
-    if not tracking.enabled():
-        return True, "tracking off: cannot look up earlier runs", fp
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-    exp_id = tracking.ensure_experiment(cfg)
-    done = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_fingerprint = '{fp}' and "
-                              "tags.stage = 'pipeline' and tags.completed = 'true'",
-                              max_results=1, output_format="list")
-    if done:
-        return False, f"data and code unchanged since run {done[0].info.run_id}", fp
-    return True, "data or code changed", fp

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm import tqdm
 
 from psamf import tracking
+from psamf.checkpoints import store_for
 from psamf.config import Config, PsamfConfig, TrainConfig
 from psamf.data.align import AV_NORMS, av_inputs
 from psamf.data.prepared import PreparedDataset, load_prepared
@@ -358,11 +359,12 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
     scheduler = lr_scheduler(opt, tc, n_train=len(data["train"]["label"]))
     if trial is not None:
         tags = {**tags, "trial": getattr(trial, "number", "")}
+    store = store_for(cfg, "tune-trial" if trial is not None else "train", fp)
     with tracking.stage_run(cfg, "train", run_name=run_name, tags=tags):
         result = fit(model, opt, data["train"], loss_fn, evaluate, epochs=tc.epochs, batch_size=tc.batch_size,
                      patience=tc.patience, seed=tc.seed, ckpt_dir=ckpt, fingerprint=fp, monitor="valid_mae",
                      on_epoch=tracking.epoch_logger(), desc=run_name, should_stop=should_stop,
-                     scheduler=scheduler)
+                     scheduler=scheduler, store=store)
         progress.close()
         report: dict[str, Any] = {
             "model": kind, "corpus": cfg.data.corpus, "av_simulated": ds.av_simulated,
@@ -394,6 +396,8 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
             tracking.log_artifact(out_dir / "metrics.json", "train")
     if not tc.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
+        if store is not None:
+            store.discard()
     if pruned["epoch"] is not None:
         import optuna
 

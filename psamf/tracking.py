@@ -5,8 +5,8 @@
   --backend-store-uri sqlite:///mlruns.db` shows everything.
 - A stage started inside an active run nests under it. A stage started as its own process
   (DVC, KFP) nests under `$PSAMF_PARENT_RUN_ID` when the orchestrator sets it.
-- Each run records the flattened config as params and tags: corpus, profile, av_simulated,
-  git commit, data hash (from data.dvc) and stage.
+- Each run records the flattened config (credentials masked) as params and tags: corpus, profile, av_simulated,
+  code version and data version (psamf.fingerprint) and stage.
 - `PSAMF_TRACKING=off` disables tracking (a no-op run), e.g. for quick local experiments.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,18 +36,15 @@ def tracking_uri(cfg: Config) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def data_hash(path: str | Path = "data.dvc") -> str:
-    """The md5 DVC recorded for data/raw, or 'untracked'."""
+    """The run's data version: $PSAMF_DATA_VERSION (set by the orchestrator from the fetched
+    data), else the md5 DVC recorded for data/raw, else 'untracked'."""
     import yaml
 
+    from psamf.fingerprint import DATA_ENV
+
+    if os.environ.get(DATA_ENV):
+        return os.environ[DATA_ENV]
     p = Path(path)
     if not p.is_file():
         return "untracked"
@@ -64,7 +60,9 @@ def _tag(value: Any) -> str:
 
 
 def base_tags(cfg: Config, stage: str) -> dict[str, str]:
-    return {"stage": stage, "corpus": cfg.data.corpus, "profile": cfg.profile, "git_commit": git_commit(),
+    from psamf.fingerprint import code_version
+
+    return {"stage": stage, "corpus": cfg.data.corpus, "profile": cfg.profile, "git_commit": code_version(),
             "data_hash": data_hash()}
 
 
@@ -117,6 +115,40 @@ def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict[s
         if log_params:
             mlflow.log_params({k: ("null" if v is None else v) for k, v in cfg.flat().items()})
         yield run
+
+
+def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: dict[str, Any] | None = None) -> str:
+    """The MLflow parent run of the pipeline run with this fingerprint: the newest one that is
+    not completed, else a new one. Tasks find it from the fingerprint (a content-keyed input),
+    so a retried or re-run task nests under the same parent and KFP can cache every task."""
+    if not enabled():
+        return ""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    exp_id = ensure_experiment(cfg)
+    found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_fingerprint = '{fingerprint}' and "
+                               "tags.stage = 'pipeline' and tags.completed = 'false'",
+                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if found:
+        return found[0].info.run_id
+    all_tags = {**base_tags(cfg, "pipeline"), "pipeline_fingerprint": fingerprint, "completed": "false",
+                **{k: _tag(v) for k, v in (tags or {}).items()}}
+    client = mlflow.MlflowClient()
+    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str("null" if v is None else v))
+                                               for k, v in cfg.flat().items()])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def complete_pipeline_run(cfg: Config, run_id: str) -> None:
+    """Mark the parent run completed (the last stage does): later runs of the fingerprint start anew."""
+    if run_id and enabled():
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        mlflow.MlflowClient().set_tag(run_id, "completed", "true")
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -56,6 +56,17 @@ def config_fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def tensor_digest(tensors: dict[str, Any]) -> str:
+    """A content hash of named arrays/tensors: a resume must not continue on other data."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k]
+        a = v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+        h.update(f"{k}:{a.dtype}:{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 def batches(data: dict[str, torch.Tensor], batch_size: int, shuffle: bool, seed: int = 0,
             epoch: int = 0) -> Iterable[Batch]:
     """Minibatches of a dict of equal-length tensors; the order depends only on (seed, epoch)."""
@@ -109,6 +120,7 @@ def fit(
     desc: str = "train",
     should_stop: Callable[[int, dict[str, float]], bool] | None = None,
     scheduler: Any | None = None,
+    store: Any | None = None,
 ) -> FitResult:
     """Train with early stopping on `evaluate()[monitor]` (lower is better).
 
@@ -116,9 +128,12 @@ def fit(
     the best weights; a later call with the same fingerprint resumes from `last.pt`.
     At the end the model holds the best weights. `should_stop` lets a caller (an Optuna
     pruner) end the run after an epoch. `scheduler` (a torch LR scheduler) steps after every
-    optimizer step, and its state is checkpointed with the optimizer's.
+    optimizer step, and its state is checkpointed with the optimizer's. `store` (a
+    psamf.checkpoints.CheckpointStore) mirrors every checkpoint to a place that outlives the task.
     """
     ckpt = Path(ckpt_dir) if ckpt_dir else None
+    if ckpt and store is not None:
+        store.pull(ckpt)  # a retried pod or a `dvc repro` starts with an empty ckpt_dir
     start_epoch, best, best_epoch, bad_epochs, history = 0, math.inf, -1, 0, []
     best_state = snapshot(model)
     stopped = False
@@ -165,6 +180,8 @@ def fit(
             best_state = snapshot(model)
             if ckpt:
                 _save(ckpt / "best.pt", best_state)
+                if store is not None:
+                    store.push(ckpt / "best.pt")
         else:
             bad_epochs += 1
         if on_epoch:
@@ -176,6 +193,8 @@ def fit(
                                      "rng": _rng_state(), "epoch": epoch, "best": best,
                                      "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                                      "history": history, "stopped": stopped, "fingerprint": fingerprint})
+            if store is not None:
+                store.push(ckpt / "last.pt")
     model.load_state_dict(best_state)
     return FitResult(best_epoch=best_epoch, best_score=best, history=history, stopped_early=stopped,
                      resumed_from=resumed_from)

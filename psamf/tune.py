@@ -93,6 +93,8 @@ from psamf import tracking
 from psamf.config import Config, load_config
 from psamf.errors import InputError
 from psamf.io import write_json, write_text
+from psamf.redact import redact
+from psamf.resources import cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +113,6 @@ PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "in
 def storage_url(cfg: Config) -> str:
     """`$PSAMF_OPTUNA_STORAGE`, else tune.storage."""
     return os.environ.get(STORAGE_ENV) or cfg.tune.storage
-
-
-def redact(url: str) -> str:
-    """The URL with any password hidden (for reports and logs)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can parse: RDBStorage will say so
-        return url
 
 
 def _dialect(url: str) -> str:
@@ -600,7 +592,7 @@ def _worker_env(workers: int, parent_run_id: str | None, url: str) -> dict[str, 
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        env["OMP_NUM_THREADS"] = str(max(1, cpu_count() // workers))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -649,10 +641,12 @@ def _log_tail(path: str, n: int = 1500) -> str:
     return ""
 
 
-def tune(cfg: Config, workers: int | None = None, *, join: bool = False) -> dict[str, Any]:
+def tune(cfg: Config, workers: int | None = None, *, join: bool = False,
+         worker_index: int | None = None) -> dict[str, Any]:
     """The `tune` stage: create the study once, run `workers` workers (processes when > 1, in
-    this process when 1), write the report. `join`: the study must exist (another node created
-    it); run workers only and return their results, no report."""
+    this process when 1), write the report. `join`: the study must exist (another node or KFP
+    task created it); run workers only and return their results, no report. `worker_index`
+    seeds a joining worker (KFP passes its ParallelFor rank; default: from the host name)."""
     workers = cfg.tune.workers if workers is None else workers
     if workers < 1:
         raise InputError("--workers", f"must be >= 1, got {workers}")
@@ -664,41 +658,64 @@ def tune(cfg: Config, workers: int | None = None, *, join: bool = False) -> dict
     out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / ("tune_config.yaml" if not join else f"tune_config.{socket.gethostname()}.yaml")
-    write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(config_path, yaml.safe_dump(cfg.loggable(), sort_keys=False))  # workers get the storage from env
     parallel = workers > 1 or join
-    # Worker seeds: 0..workers-1 here; a joining node offsets by its host name.
-    first = (zlib.crc32(socket.gethostname().encode()) % 100_000) + 1 if join else 0
+    # Worker seeds: 0..workers-1 here; a joining node offsets by its index or host name.
+    if not join:
+        first = 0
+    elif worker_index is not None:
+        first = worker_index
+    else:
+        first = (zlib.crc32(socket.gethostname().encode()) % 100_000) + 1
     study = (load_study(cfg, worker=first, parallel=parallel) if join
              else create_study(cfg, worker=first, parallel=parallel))
     results: list[dict[str, Any]]
-    with tracking.stage_run(cfg, "tune", run_name=f"tune[{cfg.data.corpus}]",
+    with tracking.stage_run(cfg, "tune", run_name=f"tune[{cfg.data.corpus}]" + (f"[worker {first}]" if join else ""),
                             tags={"study": cfg.tune.study_name, "workers": workers, "join": join}) as run:
         if workers == 1:
             results = [{**run_worker(cfg, first, parallel=parallel, study=study), "pid": os.getpid(), "exit_code": 0}]
         else:
             results = _run_worker_processes(cfg, workers, config_path, run.info.run_id, study, first)
         c = _counts(study)
-        done = c["COMPLETE"] + c["PRUNED"]
         wall = round(time.perf_counter() - t0, 2)
         if join:
             return {"joined": cfg.tune.study_name, "workers": results, "trials_by_state": c, "wall_s": wall}
         if not study_finished(study, cfg):
             bad = [r for r in results if r["exit_code"] != 0]
             tail = _log_tail(bad[-1]["log"]) if bad and "log" in bad[-1] else ""
-            raise RuntimeError(f"tune: the study has {done} of {cfg.tune.n_trials} finished trials after all "
-                               f"workers exited (exit codes {[r['exit_code'] for r in results]})"
+            raise RuntimeError(f"tune: the study has {c['COMPLETE'] + c['PRUNED']} of {cfg.tune.n_trials} finished "
+                               f"trials after all workers exited (exit codes {[r['exit_code'] for r in results]})"
                                + (f"; last worker log:\n{tail}" if tail else ""))
-        _cleanup_checkpoints(cfg)
-        _close_dead_runs(study)
-        summary = tune_report(cfg, study, extra={"workers": results, "n_workers": workers, "wall_s": wall})
-        tracking.log_metrics({"best_value": summary["best_value"], "n_complete": summary["trials_by_state"]["COMPLETE"],
-                              "n_pruned": summary["pruned"], "n_failed": summary["trials_by_state"]["FAIL"],
-                              "epochs_total": summary["epochs_total"], "wall_s": wall})
-        for name in ("best_params.json", "summary.json", "summary.md", "trials.csv", "tune_config.yaml"):
-            tracking.log_artifact(out / name, "tune")
-        for p in summary["plots"].values():
-            if isinstance(p, str):
-                tracking.log_artifact(p, "tune/plots")
+        return _finish(cfg, study, {"workers": results, "n_workers": workers, "wall_s": wall})
+
+
+def finish_study(cfg: Config) -> dict[str, Any]:
+    """After workers ran elsewhere (KFP's ParallelFor): check the study is complete, then write
+    and log the report as `tune` does."""
+    study = load_study(cfg)
+    if not study_finished(study, cfg):
+        c = _counts(study)
+        raise RuntimeError(f"tune: the study {cfg.tune.study_name} has {c['COMPLETE'] + c['PRUNED']} of "
+                           f"{cfg.tune.n_trials} finished trials after every worker task ended")
+    with tracking.stage_run(cfg, "tune", run_name=f"tune[{cfg.data.corpus}][report]",
+                            tags={"study": cfg.tune.study_name, "report": True}):
+        return _finish(cfg, study, {})
+
+
+def _finish(cfg: Config, study, extra: dict[str, Any]) -> dict[str, Any]:
+    """Drop stale checkpoints and runs, write the report, log it to the active `tune` run."""
+    _cleanup_checkpoints(cfg)
+    _close_dead_runs(study)
+    out = report_dir(cfg)
+    summary = tune_report(cfg, study, extra=extra)
+    tracking.log_metrics({"best_value": summary["best_value"], "n_complete": summary["trials_by_state"]["COMPLETE"],
+                          "n_pruned": summary["pruned"], "n_failed": summary["trials_by_state"]["FAIL"],
+                          "epochs_total": summary["epochs_total"], **({"wall_s": extra["wall_s"]} if "wall_s" in extra else {})})
+    for name in ("best_params.json", "summary.json", "summary.md", "trials.csv", "tune_config.yaml"):
+        tracking.log_artifact(out / name, "tune")
+    for p in summary["plots"].values():
+        if isinstance(p, str):
+            tracking.log_artifact(p, "tune/plots")
     return summary
 
 

@@ -89,11 +89,13 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 # ---------------------------------------------------------------------------- PostgreSQL
 
 @contextlib.contextmanager
-def postgres_server(db: str = "psamf") -> Iterator[str]:
-    """A fresh PostgreSQL cluster on 127.0.0.1:<free port> with database `db` (trust auth).
+def postgres_server(db: str = "psamf", password: str | None = None) -> Iterator[str]:
+    """A fresh PostgreSQL cluster on 127.0.0.1:<free port> with database `db`.
 
-    Yields `postgresql+psycopg2://postgres@127.0.0.1:PORT/DB`. As root the cluster runs as
-    the `postgres` user (the server refuses root). Skips the test when no binaries exist.
+    Yields `postgresql+psycopg2://postgres@127.0.0.1:PORT/DB` (trust auth), or with `password`
+    the same URL with that password, which TCP clients must then give (scram-sha-256), as on a
+    real server. As root the cluster runs as the `postgres` user (the server refuses root).
+    Skips the test when no binaries exist.
     """
     bindir = pg_bin()
     if bindir is None:
@@ -114,7 +116,14 @@ def postgres_server(db: str = "psamf") -> Iterator[str]:
     started = False
     try:
         subprocess.run([*prefix, "mkdir", str(sock)], check=True)
-        subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+        auth = ["-A", "trust"]
+        if password is not None:
+            pwfile = root / "pwfile"
+            pwfile.write_text(password + "\n")
+            if as_root:
+                os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), *auth, "-U", "postgres",
                         "-E", "UTF8", "--no-sync"], check=True, capture_output=True, text=True)
         opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
         started = True
@@ -123,8 +132,9 @@ def postgres_server(db: str = "psamf") -> Iterator[str]:
         if r.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {r.stderr}\n{_tail(log)}")
         subprocess.run([*prefix, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
-                       check=True, capture_output=True, text=True)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{db}"
+                       check=True, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password or ""})
+        userinfo = "postgres" if password is None else f"postgres:{password}"
+        yield f"postgresql+psycopg2://{userinfo}@127.0.0.1:{port}/{db}"
     finally:
         if started:
             r = subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30",

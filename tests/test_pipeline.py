@@ -29,55 +29,61 @@ def _tasks(spec: dict) -> dict:
     return out
 
 
+def _deps(tasks: dict, t: str) -> set:
+    d = set(tasks[t].get("dependentTasks", []))
+    for arg in tasks[t].get("inputs", {}).get("artifacts", {}).values():
+        prod = arg.get("taskOutputArtifact", {}).get("producerTask")
+        if prod:
+            d.add(prod)
+    return d
+
+
+STAGES = ("fingerprint", "fetch-data", "ingest", "validate", "personality", "pretrain", "finetune", "loo-report",
+          "tune-study", "tune-worker", "tune-report", "train", "register")
+
+
 def test_dag_order(compiled):
     spec, _ = compiled
     tasks = _tasks(spec)
-    for name in ("decide", "start-run", "ingest", "validate", "personality", "pretrain", "finetune", "loo-report",
-                 "tune", "train", "register"):
+    for name in STAGES:
         assert name in tasks, name
-
-    def deps(t):
-        d = set(tasks[t].get("dependentTasks", []))
-        for arg in tasks[t].get("inputs", {}).get("artifacts", {}).values():
-            prod = arg.get("taskOutputArtifact", {}).get("producerTask")
-            if prod:
-                d.add(prod)
-        return d
-
-    assert "ingest" in deps("validate")
-    assert "validate" in deps("personality")
-    loop = next(n for n, t in tasks.items() if "iteratorPolicy" in t)  # pretrain/finetune run inside it
-    assert {"validate", "ingest"} <= deps(loop)
+    assert "decide" not in tasks and "start-run" not in tasks  # KFP's cache does the skipping
+    deps = lambda t: _deps(tasks, t)  # noqa: E731
+    assert "fetch-data" in deps("ingest") and "ingest" in deps("validate")
+    assert "validate" in deps("personality") and "fetch-data" in deps("personality")  # its corpus is in `raw`
+    loops = {n: t for n, t in tasks.items() if "iteratorPolicy" in t or "parameterIterator" in t}
+    loo = next(n for n, t in loops.items() if "loo_ranks" in str(t["parameterIterator"]))
+    workers = next(n for n, t in loops.items() if "tune_workers" in str(t["parameterIterator"]))
+    assert {"validate", "ingest"} <= deps(loo)
     assert "pretrain" in deps("finetune")
-    assert loop in deps("loo-report")
-    assert {"personality"} <= deps("tune") and "tune" in deps("train")
+    assert loo in deps("loo-report")
+    assert {"personality", "tune-study"} <= deps(workers)  # the study exists before any worker starts
+    assert workers in deps("tune-report") and "tune-report" in deps("train")
     assert "train" in deps("register") and "loo-report" in deps("register")
-    # The stages run in a nested pipeline fed the parent run id by start_run: inside it (and so
-    # inside the loop) the id is a component input, which kfp.local resolves (see pipelines/training.py).
-    assert "start-run" in deps("psamf-train-and-register")
-    loop_body = spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"]
-    assert "componentInputParameter" in loop_body["pretrain"]["inputs"]["parameters"]["parent_run_id"]
-    # Everything after `decide` sits inside the skip-if-unchanged condition, which reads decide's
-    # single output (kfp.local cannot resolve a named output there and would skip the branch).
-    cond = [t for t in tasks.values() if "triggerPolicy" in t]
-    assert len(cond) == 1 and "decide-Output" in str(cond[0]["triggerPolicy"]["condition"])
-    assert "decide" in deps(next(n for n, t in tasks.items() if "triggerPolicy" in t))
+    # The stages run in a nested pipeline fed the fingerprint: inside it (and so inside the loops)
+    # it is a component input, which kfp.local resolves (see pipelines/training.py).
+    assert "fingerprint" in deps("psamf-train-and-register")
+    loop_body = spec["components"][tasks[loo]["componentRef"]["name"]]["dag"]["tasks"]
+    assert "componentInputParameter" in loop_body["pretrain"]["inputs"]["parameters"]["fingerprint"]
 
 
-def test_parallel_for_over_rank_slots(compiled):
+def test_parallel_for_over_loo_ranks_and_tune_workers(compiled):
     spec, _ = compiled
-    loops = [t for t in _tasks(spec).values() if "iteratorPolicy" in t]
-    assert len(loops) == 1 and loops[0]["iteratorPolicy"]["parallelismLimit"] == 4
-    assert "loo_ranks" in str(loops[0]["parameterIterator"])
-    assert spec["root"]["inputDefinitions"]["parameters"]["loo_ranks"]["defaultValue"] == list(range(10))
+    loops = [t for t in _tasks(spec).values() if "parameterIterator" in t]
+    loo = [t for t in loops if "loo_ranks" in str(t["parameterIterator"])]
+    assert len(loo) == 1 and loo[0]["iteratorPolicy"]["parallelismLimit"] == 4
+    assert any("tune_workers" in str(t["parameterIterator"]) for t in loops)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["loo_ranks"]["defaultValue"] == list(range(10))
+    assert params["tune_workers"]["defaultValue"] == [0]
 
 
-def test_gpu_requests_on_training_stages_only(compiled):
+def test_gpu_only_for_pretrain_tune_workers_and_train(compiled):
     spec, _ = compiled
     execs = spec["deploymentSpec"]["executors"]
     gpu = {name.replace("exec-", "") for name, e in execs.items()
            if e["container"].get("resources", {}).get("accelerator")}
-    assert gpu == {"personality", "pretrain", "finetune", "tune", "train"}
+    assert gpu == {"pretrain", "tune-worker", "train"}
     for name, e in execs.items():
         res = e["container"]["resources"]
         assert res.get("cpuLimit") and res.get("memoryLimit"), name
@@ -85,14 +91,40 @@ def test_gpu_requests_on_training_stages_only(compiled):
             assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
 
 
-def test_secrets_node_selector_and_image(compiled):
+def _secrets(k8s: dict, task: str) -> set[str]:
+    return {s["secretName"] for s in k8s.get(f"exec-{task}", {}).get("secretAsEnv", [])}
+
+
+def test_each_task_mounts_only_the_secrets_it_uses(compiled):
     _, platform = compiled
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert {s["secretName"] for s in k8s["exec-tune"]["secretAsEnv"]} == {"psamf-mlflow", "psamf-s3", "psamf-postgres"}
-    assert all("psamf-mlflow" in {s["secretName"] for s in e.get("secretAsEnv", [])} for e in k8s.values())
+    for t in ("tune-study", "tune-worker", "tune-report"):
+        assert "psamf-optuna" in _secrets(k8s, t), t
+    assert not any("psamf-optuna" in _secrets(k8s, t) for t in STAGES if not t.startswith("tune-"))
+    assert _secrets(k8s, "fetch-data") == {"psamf-s3"}  # the data remote; it tracks nothing
+    for t in ("pretrain", "train", "personality", "tune-worker"):  # durable checkpoints in S3
+        assert "psamf-s3" in _secrets(k8s, t), t
+    for t in ("ingest", "validate", "finetune", "loo-report", "register", "tune-report"):
+        assert "psamf-s3" not in _secrets(k8s, t), t  # MLflow proxies its artifacts: no S3 key needed
+    for t in STAGES:
+        if t != "fetch-data":
+            assert "psamf-mlflow" in _secrets(k8s, t), t
     assert k8s["exec-train"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert k8s["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert "nodeSelector" not in k8s["exec-ingest"]
+    assert "nodeSelector" not in k8s["exec-ingest"] and "nodeSelector" not in k8s["exec-finetune"]
+
+
+def test_hf_cache_volume_on_the_encoder_stages(compiled):
+    spec, platform = compiled
+    from pipelines.training import ENCODER_STAGES, HF_CACHE_MOUNT, HF_CACHE_PVC
+
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    execs = spec["deploymentSpec"]["executors"]
+    for t in ENCODER_STAGES:
+        mounts = k8s[f"exec-{t}"]["pvcMount"]
+        assert [(m["constant"], m["mountPath"]) for m in mounts] == [(HF_CACHE_PVC, HF_CACHE_MOUNT)], t
+        assert {"name": "HF_HOME", "value": HF_CACHE_MOUNT} in execs[f"exec-{t}"]["container"]["env"], t
+    assert "pvcMount" not in k8s.get("exec-pretrain", {})
 
 
 def test_components_use_the_psamf_image_without_installing_kfp(compiled):
@@ -103,32 +135,48 @@ def test_components_use_the_psamf_image_without_installing_kfp(compiled):
         assert "pip install" not in " ".join(c.get("command", [])), name
 
 
-def test_retries_and_caching(compiled):
+def test_caching_on_content_keyed_inputs_only(compiled):
+    """Every task but `fingerprint` is cached, and a cached task's inputs are the config
+    (profile, overrides, params text), the fingerprint, loop items and artifacts of cached
+    tasks: nothing fresh per run (no run id) that would make every cache lookup miss."""
     spec, _ = compiled
     tasks = _tasks(spec)
+    assert tasks["fingerprint"]["cachingOptions"] == {}  # always runs: it notices changed data or code
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
-    assert tasks["decide"]["cachingOptions"] == {}  # the skip decision is never cached
-    assert tasks["start-run"]["cachingOptions"] == {}  # nor the parent run
-    assert tasks["pretrain"]["cachingOptions"]["enableCache"] is True
+    allowed = {"profile", "overrides", "params_yaml", "fingerprint", "rank", "data_source", "data_version"}
+    for name in STAGES:
+        if name == "fingerprint":
+            continue
+        t = tasks[name]
+        assert t["cachingOptions"] == {"enableCache": True}, name
+        params = set(t.get("inputs", {}).get("parameters", {}))
+        assert params <= allowed, (name, params - allowed)
+        assert {"profile", "overrides", "params_yaml", "fingerprint"} <= params, name  # config reaches every task
+    # the fingerprint task is the only one that sees the (per-run) run name
+    assert "run_name" in tasks["fingerprint"]["inputs"]["parameters"]
 
 
-def test_skip_when_data_and_code_unchanged(smoke_cfg, monkeypatch, tmp_path):
-    import mlflow
+def test_pipeline_arguments_carry_the_params_file_and_profile(tmp_path):
+    from psamf.pipeline import pipeline_arguments
 
-    from psamf.orchestration import finish_pipeline_run, retrain_decision, start_pipeline_run
+    params = tmp_path / "p.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("profile: demo", "profile: smoke", 1))
+    args = pipeline_arguments(None, ["mult.d_model=8"], params)
+    assert args["profile"] == "smoke"  # the file's profile key is honoured
+    assert args["params_yaml"] == params.read_text() and args["overrides"] == ["mult.d_model=8"]
+    assert args["loo_ranks"] == [0, 1] and args["tune_workers"] == [0]
+    assert pipeline_arguments("demo", [], params, ranks=3)["loo_ranks"] == [0, 1, 2]
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
-    assert retrain_decision("smoke", [], "a", force=False) == "run"
-    first = start_pipeline_run("smoke", [], "a")
-    assert retrain_decision("smoke", [], "b", force=False) == "run"  # `first` never completed: nothing to skip against
-    finish_pipeline_run(smoke_cfg, first)
-    assert retrain_decision("smoke", [], "c", force=False) == "skip"
-    client = mlflow.MlflowClient()
-    skipped = client.search_runs([client.get_run(first).info.experiment_id], "tags.skipped = 'true'")
-    assert len(skipped) == 1 and "unchanged" in skipped[0].data.tags["decision_reason"]
-    assert skipped[0].data.tags["pipeline_fingerprint"] == client.get_run(first).data.tags["pipeline_fingerprint"]
-    assert retrain_decision("smoke", [], "d", force=True) == "run"
-    assert retrain_decision("smoke", ["mult.d_model=8"], "e", force=False) == "run"
+
+def test_a_task_reads_the_pipeline_params_text_not_the_local_file(tmp_path, monkeypatch):
+    from psamf.orchestration import stage_config
+
+    monkeypatch.chdir(tmp_path)  # a pod: no params.yaml in the working dir
+    text = (REPO / "params.yaml").read_text().replace("d_model: 30", "d_model: 12", 1)
+    cfg = stage_config("smoke", ["user_adapter.hidden=7"], text)
+    assert cfg.mult.d_model == 16  # the smoke profile's value, merged over the file's 12
+    assert cfg.user_adapter.hidden == 7 and cfg.profile == "smoke"
+    assert stage_config("demo", [], text).mult.d_model == 12
 
 
 def test_dvc_stages_mirror_the_pipeline():
