@@ -95,6 +95,14 @@ def checkpoint_uri(cfg: Config) -> str | None:
     return os.environ.get(URI_ENV) or cfg.checkpoints.uri or None
 
 
+def ensure_local_root(cfg: Config) -> None:
+    """Create a local store's root up front: dvc.yaml declares it as a (persisted) output, which
+    must exist even when a stage had nothing to checkpoint (a skipped LOO slot)."""
+    uri = checkpoint_uri(cfg)
+    if uri and "://" not in uri.removeprefix("file://"):
+        Path(uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
 def store_for(cfg: Config, stage: str, fingerprint: str) -> CheckpointStore | None:
     """The durable store for one run of `stage`, or None when checkpoints.uri is not set."""
     uri = checkpoint_uri(cfg)

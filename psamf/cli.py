@@ -32,7 +32,11 @@ def config_from(params: Path | None, profile: str | None, sets: list[str] | None
     overrides = list(sets or [])
     if corpus:
         overrides.append(f"data.corpus={corpus}")
-    return load_config(params, profile, overrides)
+    cfg = load_config(params, profile, overrides)
+    from psamf.checkpoints import ensure_local_root
+
+    ensure_local_root(cfg)
+    return cfg
 
 
 def one_line_errors(fn: Callable) -> Callable:
@@ -210,6 +214,26 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
     typer.echo(f"{listing['model_name']}@champion = v{champ['version']}: test MAE {m.get('mae', float('nan')):.3f}, "
                f"Non0-Acc2 {m.get('non0_acc2', float('nan')):.3f} (browse: mlflow ui --backend-store-uri "
                f"{tracking_uri(cfg)})")
+
+
+@app.command("tracking-user")
+@one_line_errors
+def tracking_user(
+    username_env: Annotated[str, typer.Option(help="env var holding the user name to create")] = "PSAMF_USER_NAME",
+    password_env: Annotated[str, typer.Option(help="env var holding its password")] = "PSAMF_USER_PASSWORD",
+) -> None:
+    """Create or update a user on an MLflow basic-auth server, as the admin in MLFLOW_TRACKING_USERNAME/PASSWORD.
+
+    Names and passwords come from the environment, never argv (which every process in a pod can read)."""
+    import os
+
+    from psamf.tracking import ensure_user
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    missing = [n for n in ("MLFLOW_TRACKING_URI", username_env, password_env) if not os.environ.get(n)]
+    if missing:
+        raise InputError("environment", f"{', '.join(missing)} not set")
+    typer.echo(f"{os.environ[username_env]}: {ensure_user(uri, os.environ[username_env], os.environ[password_env])}")
 
 
 def _register_extensions() -> None:

@@ -71,10 +71,15 @@ def register(app: typer.Typer) -> None:
                                     "no report")] = False,
                  report_only: Annotated[bool, typer.Option(
                      "--report-only", help="rewrite the report from the storage; run no trials")] = False,
+                 study_per_input: Annotated[bool, typer.Option(
+                     "--study-per-input", help="suffix the study name with a hash of code, data, encoders and "
+                                               "settings: resume an interrupted search, never another input's")] = False,
                  ) -> None:
         """Optuna search over psamf.tau, psamf.split_layer, psamf.aux_lambda (valid MAE); writes best_params.json."""
-        from psamf.tune import tune, tune_report
+        from psamf.tune import keyed_study, tune, tune_report
 
         cfg = config_from(params, profile, set_, corpus)
+        if study_per_input:
+            cfg = keyed_study(cfg)
         summary = tune_report(cfg) if report_only else tune(cfg, workers, join=join)
         echo_json({k: v for k, v in summary.items() if k not in ("trials", "search_space", "heartbeat")})

@@ -259,7 +259,7 @@ def train_personality(cfg: Config, *, on_epoch=None) -> dict[str, Any]:
     opt = torch.optim.AdamW(_param_groups(model, pc.lr, pc.lr_head), foreach=True)
     fp = config_fingerprint({"personality": {k: v for k, v in asdict(pc).items()
                                              if k not in ("epochs", "out_dir", "keep_checkpoints")},
-                             "corpus_dir": str(corpus_dir.resolve()), "n_train": len(train_df),
+                             "n_train": len(train_df),
                              "device": device.type, "amp": amp, "files": _files_key(corpus_dir)})
     info = corpus_info(df)
     tags = {"personality_corpus": str(corpus_dir), "personality_synthetic": synthetic, "encoder": pc.encoder}
@@ -342,8 +342,11 @@ def _fold_standardization(head: nn.Linear, mean: np.ndarray, sd: np.ndarray) -> 
 
 
 def _files_key(d: Path) -> list:
-    """Cheap identity of the corpus files (name, size, mtime) for the resume fingerprint."""
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.glob("*.pkl"))]
+    """Content identity of the corpus files for the resume fingerprint (a retried pod downloads
+    them anew, so names, sizes and mtimes would not match; a few MB hash in milliseconds)."""
+    from psamf.fingerprint import file_sha256
+
+    return [(p.name, file_sha256(p)) for p in sorted(d.glob("*.pkl"))]
 
 
 def load_personality_report(out_dir: str | Path) -> dict[str, Any]:

@@ -117,8 +117,9 @@ def pretrain(cfg: Config, held_out: str, on_epoch=None) -> dict[str, Any]:
         met = regression_metrics(p, valid["label"].numpy())
         return {"valid_mae": met["mae"], "valid_corr": met["corr"], "valid_non0_acc2": met["non0_acc2"]}
 
-    fp = config_fingerprint({"mult": asdict(cfg.mult), "ua": asdict(cfg.user_adapter), "pretrain": asdict(pc),
-                             "seq_len": cfg.data.seq_len, "held_out": held_out, "text": source,
+    # out_dir is not a setting: a retried pod resumes into a new output dir
+    fp = config_fingerprint({"mult": asdict(cfg.mult), "ua": asdict(cfg.user_adapter),
+                             "pretrain": {k: v for k, v in asdict(pc).items() if k != "out_dir"}, "seq_len": cfg.data.seq_len, "held_out": held_out, "text": source,
                              "n": len(train_idx), "data": tensor_digest(tensors)})
     store = store_for(cfg, "pretrain", fp)
     with tracking.stage_run(cfg, "pretrain", f"pretrain[{held_out}]",

@@ -139,11 +139,12 @@ class BatchProgress:
 
 
 def dir_identity(name_or_path: str) -> Any:
-    """A cheap identity of a local model dir (file names, sizes, mtimes); the name for anything else."""
+    """The content hash of a local model dir (a retried pod downloads it anew, so mtimes would
+    differ); the name for anything else."""
+    from psamf.fingerprint import tree_sha256
+
     p = Path(name_or_path)
-    if not p.is_dir():
-        return str(name_or_path)
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.iterdir()) if f.is_file()]
+    return tree_sha256(p) if p.is_dir() else str(name_or_path)
 
 
 # ---------------------------------------------------------------------------- inputs

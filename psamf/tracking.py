@@ -151,6 +151,24 @@ def complete_pipeline_run(cfg: Config, run_id: str) -> None:
         mlflow.MlflowClient().set_tag(run_id, "completed", "true")
 
 
+def ensure_user(uri: str, username: str, password: str) -> str:
+    """Create (or reset the password of) a user on a tracking server running MLflow's basic-auth
+    app, as the admin in MLFLOW_TRACKING_USERNAME/PASSWORD. Returns 'created' or 'updated'.
+    The infra's mlflow-users Job runs this for the pipeline's user (infra/k8s/base/mlflow.yaml)."""
+    from mlflow.exceptions import RestException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    client = AuthServiceClient(uri)
+    try:
+        client.create_user(username, password)
+        return "created"
+    except RestException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    client.update_user_password(username, password)
+    return "updated"
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     if not enabled():
         return

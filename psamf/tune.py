@@ -245,6 +245,25 @@ def load_study(cfg: Config, *, worker: int = 0, parallel: bool = False):
 
 # ---------------------------------------------------------------------------- search space
 
+def keyed_study(cfg: Config) -> Config:
+    """cfg with tune.study_name suffixed by a hash of everything the trials depend on (code,
+    prepared data, encoders, search settings): a persisted storage (dvc.yaml's
+    checkpoints/tune/optuna.db) then resumes an interrupted search, but a search on other
+    inputs starts its own study instead of finding a finished one."""
+    from psamf.fingerprint import code_version, file_sha256
+    from psamf.psamf_train import dir_identity
+    from psamf.training import config_fingerprint
+
+    manifest = cfg.data.prepared_path / "manifest.json"
+    skip = ("out_dir", "storage", "study_name", "workers")
+    key = config_fingerprint({
+        "code": code_version(), "data": file_sha256(manifest) if manifest.is_file() else None,
+        "encoder": dir_identity(cfg.psamf.encoder), "personality": dir_identity(cfg.psamf.personality_encoder),
+        "psamf": dataclasses.asdict(cfg.psamf), "train": dataclasses.asdict(cfg.train),
+        "tune": {k: v for k, v in dataclasses.asdict(cfg.tune).items() if k not in skip}})
+    return dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, study_name=f"{cfg.tune.study_name}-{key}"))
+
+
 def encoder_depth(name_or_path: str) -> int:
     """L, the number of layers of a HF encoder, from its config alone (no weights)."""
     from transformers import AutoConfig

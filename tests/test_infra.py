@@ -30,13 +30,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
-KUSTOMIZATIONS = {"base": "base", "gpu": "overlays/gpu", "secrets": "secrets"}
+KUSTOMIZATIONS = {"base": "base", "gpu": "overlays/gpu", "secrets": "secrets", "pipeline": "pipeline"}
 K8S_VERSIONS = ("1.29", "1.37")  # an older release still in wide use, and the newest schema shipped
 DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
 TORCH_VERSION = "2.13.0"
 
 # Secrets the pipeline uses, and where they must exist (the contract in infra/README.md).
-PIPELINE_SECRETS = {"psamf-mlflow", "psamf-s3", "psamf-postgres"}
+PIPELINE_SECRETS = {"psamf-mlflow", "psamf-s3", "psamf-optuna"}
+SERVICE_SECRETS = {"psamf-minio-root", "psamf-postgres", "psamf-mlflow-admin"}  # namespace psamf only
 POD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet", "CronJob", "Pod"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                   "PersistentVolume", "StorageClass", "PriorityClass"}
@@ -239,15 +240,26 @@ def test_kustomizations_render_the_expected_objects(rendered):
     for want in [("Namespace", "", "psamf"), ("StatefulSet", "psamf", "postgres"), ("Service", "psamf", "postgres"),
                  ("ConfigMap", "psamf", "postgres-init"), ("Deployment", "psamf", "minio"),
                  ("Service", "psamf", "minio"), ("PersistentVolumeClaim", "psamf", "minio-data"),
-                 ("Job", "psamf", "minio-buckets"), ("Deployment", "psamf", "mlflow"), ("Service", "psamf", "mlflow")]:
+                 ("Job", "psamf", "minio-buckets"), ("Deployment", "psamf", "mlflow"), ("Service", "psamf", "mlflow"),
+                 ("ConfigMap", "psamf", "mlflow-auth"), ("PersistentVolumeClaim", "psamf", "mlflow-auth"),
+                 ("Job", "psamf", "mlflow-users")]:
         assert want in base, want
     assert not [o for o in rendered["base"] if o["kind"] == "Secret"], "secrets live in infra/k8s/secrets only"
     assert base < {_key(o) for o in rendered["gpu"]}
     secrets = {_key(o) for o in rendered["secrets"]}
     assert secrets == {("Secret", ns, n) for ns in ("psamf", "kubeflow") for n in PIPELINE_SECRETS} | {
-        ("Secret", "psamf", "psamf-minio-root")}
+        ("Secret", "psamf", n) for n in SERVICE_SECRETS}  # no superuser or admin credential in kubeflow
     sts = _find(rendered["base"], "StatefulSet", "postgres")
     assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["data"]  # the PVC
+
+
+def test_the_pipeline_volume_is_the_one_the_pipeline_mounts(rendered):
+    from pipelines.training import HF_CACHE_PVC
+
+    (pvc,) = rendered["pipeline"]
+    assert (pvc["kind"], pvc["metadata"]["namespace"], pvc["metadata"]["name"]) == (
+        "PersistentVolumeClaim", "kubeflow", HF_CACHE_PVC)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes share it
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -333,16 +345,24 @@ def test_mlflow_deployment_as_specified(rendered):
     dep = _find(rendered["base"], "Deployment", "mlflow")
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["mlflow", "server"]
-    assert {"--host=0.0.0.0", "--workers=1", "--artifacts-destination=s3://mlflow/"} <= set(c["args"])
+    assert {"--host=0.0.0.0", "--workers=1", "--artifacts-destination=s3://mlflow/",
+            "--app-name=basic-auth"} <= set(c["args"])
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
-    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "MLFLOW_S3_ENDPOINT_URL"):
+    for name in ("MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert env[name]["valueFrom"]["secretKeyRef"]["key"] == name
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "psamf-mlflow-admin"
+    assert "POSTGRES_PASSWORD" not in env  # the server logs in as its own role, not the superuser
     uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
-    assert uri == "postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@postgres:5432/mlflow"
+    assert uri == "postgresql+psycopg2://$(MLFLOW_DB_USER):$(MLFLOW_DB_PASSWORD)@postgres:5432/mlflow"
     names = [e["name"] for e in c["env"]]  # the kubelet expands $(VAR) only from variables defined before
-    assert names.index("POSTGRES_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI")
+    assert names.index("MLFLOW_DB_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI")
+    ini = _find(rendered["base"], "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"]
+    mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == mount["auth-config"] + "/basic_auth.ini"
+    assert "password" not in ini.lower() and f"sqlite:///{mount['auth-db']}/" in ini
     hosts = env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
     assert {"mlflow.psamf.svc.cluster.local:5000", "mlflow:5000", "localhost:*"} <= set(hosts)
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -432,7 +452,7 @@ def _looks_random(token: str) -> bool:
 def test_secret_templates_hold_no_real_credentials():
     templates = _templates()
     assert set(templates) == {"postgres.env.example", "s3.env.example", "mlflow.env.example",
-                              "minio-root.env.example"}
+                              "minio-root.env.example", "optuna.env.example", "mlflow-admin.env.example"}
     for fname, values in templates.items():
         for key, value in values.items():
             if re.search(r"PASSWORD|SECRET", key):
@@ -476,11 +496,13 @@ def test_init_env_makes_consistent_random_secrets(tmp_path):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     pg = made["postgres.env"]
     assert re.fullmatch(r"[0-9a-f]{48}", pg["POSTGRES_PASSWORD"])
-    assert pg["PSAMF_OPTUNA_STORAGE"] == (f"postgresql+psycopg2://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}"
-                                          "@postgres.psamf.svc.cluster.local:5432/optuna")
-    passwords = [pg["POSTGRES_PASSWORD"], made["s3.env"]["AWS_SECRET_ACCESS_KEY"],
-                 made["minio-root.env"]["MINIO_ROOT_PASSWORD"]]
-    assert len(set(passwords)) == 3  # one value per placeholder, not one for all
+    assert made["optuna.env"]["PSAMF_OPTUNA_STORAGE"] == (
+        f"postgresql+psycopg2://{pg['OPTUNA_DB_USER']}:{pg['OPTUNA_DB_PASSWORD']}"
+        "@postgres.psamf.svc.cluster.local:5432/optuna")  # the least-privilege role, not the superuser
+    passwords = [pg["POSTGRES_PASSWORD"], pg["OPTUNA_DB_PASSWORD"], pg["MLFLOW_DB_PASSWORD"],
+                 made["s3.env"]["AWS_SECRET_ACCESS_KEY"], made["minio-root.env"]["MINIO_ROOT_PASSWORD"],
+                 made["mlflow.env"]["MLFLOW_TRACKING_PASSWORD"], made["mlflow-admin.env"]["MLFLOW_AUTH_ADMIN_PASSWORD"]]
+    assert len(set(passwords)) == len(passwords)  # one value per placeholder, not one for all
     before = text
     again = subprocess.run(["sh", str(d / "init-env.sh"), str(d)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "kept" in again.stdout and pg["POSTGRES_PASSWORD"] not in again.stdout
@@ -512,38 +534,54 @@ def _servers():
 
 
 def _pg_superuser(url: str, bindir: Path, role: str) -> str:
-    """Create a superuser `role` (as the image's POSTGRES_USER is) on the test cluster; returns host, port."""
-    m = re.match(r".*@([\d.]+):(\d+)/", url)
-    host, port = m.group(1), m.group(2)
+    """Create a superuser `role` (as the image's POSTGRES_USER is) on the test cluster; returns host:port."""
+    m = re.match(r".*://[^:@]+(?::([^@]*))?@([\d.]+):(\d+)/", url)
+    password, host, port = m.group(1) or "", m.group(2), m.group(3)
     subprocess.run([str(bindir / "psql"), "-h", host, "-p", port, "-U", "postgres", "-d", "postgres", "-v",
-                    "ON_ERROR_STOP=1", "-c", f"CREATE ROLE {role} SUPERUSER LOGIN"],
-                   check=True, capture_output=True, text=True)
+                    "ON_ERROR_STOP=1", "-c", f"CREATE ROLE {role} SUPERUSER LOGIN PASSWORD '{password}'"],
+                   check=True, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password})
     return f"{host}:{port}"
 
 
-def test_postgres_init_script_creates_the_optuna_database(rendered):
-    """The ConfigMap's init script, run as the image's entrypoint runs it, makes `optuna`; the
-    PSAMF_OPTUNA_STORAGE URL from the template then works as Optuna storage."""
+def test_postgres_init_script_creates_least_privilege_roles(rendered):
+    """The ConfigMap's init script, run as the image's entrypoint runs it on a server that checks
+    passwords: `mlflow` and `optuna` are login roles without superuser, createdb or createrole,
+    each owns its database and cannot even connect to the other's; the template's
+    PSAMF_OPTUNA_STORAGE then works as Optuna storage with the role's password."""
     servers = _servers()
     cm = _find(rendered["base"], "ConfigMap", "postgres-init")
     (script,) = cm["data"].values()
-    with servers.postgres_server("mlflow") as url:
+    pg = {k: v.replace("CHANGE_ME_", "pw-").lower() for k, v in
+          _read_env_file(K8S / "secrets" / "postgres.env.example").items()}
+    with servers.postgres_server("infra", password=pg["POSTGRES_PASSWORD"]) as url:
         bindir = servers.pg_bin()
-        hostport = _pg_superuser(url, bindir, "psamf")
-        host, port = hostport.split(":")
-        env = {**os.environ, "POSTGRES_USER": "psamf", "POSTGRES_DB": "mlflow", "PGHOST": host, "PGPORT": port,
-               "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+        host, port = _pg_superuser(url, bindir, pg["POSTGRES_USER"] + "_admin").split(":")
+        env = {**os.environ, **pg, "POSTGRES_USER": pg["POSTGRES_USER"] + "_admin", "PGHOST": host, "PGPORT": port,
+               "PGPASSWORD": pg["POSTGRES_PASSWORD"], "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
         run = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
-        owner = subprocess.run([str(bindir / "psql"), "-h", host, "-p", port, "-U", "postgres", "-d", "postgres",
-                                "-tAc", "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'optuna'"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        assert owner == "psamf"
+        assert pg["OPTUNA_DB_PASSWORD"] not in run.stdout + run.stderr
+
+        def sql(q: str, user: str = "postgres", db: str = "postgres", pw: str = pg["POSTGRES_PASSWORD"]):
+            return subprocess.run([str(bindir / "psql"), "-h", host, "-p", port, "-U", user, "-d", db, "-tAc", q],
+                                  capture_output=True, text=True, env={**os.environ, "PGPASSWORD": pw})
+
+        for role, db in (("MLFLOW_DB", "mlflow"), ("OPTUNA_DB", "optuna")):
+            user, pw = pg[f"{role}_USER"], pg[f"{role}_PASSWORD"]
+            flags = sql(f"SELECT rolsuper, rolcreatedb, rolcreaterole, rolcanlogin FROM pg_roles WHERE rolname = '{user}'")
+            assert flags.stdout.strip() == "f|f|f|t", (user, flags.stdout, flags.stderr)
+            owner = sql(f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{db}'").stdout.strip()
+            assert owner == user
+            assert sql("SELECT 1", user, db, pw).stdout.strip() == "1"
+            assert sql("SELECT 1", user, db, "wrong").returncode != 0  # the server checks passwords
+        denied = sql("SELECT 1", pg["OPTUNA_DB_USER"], "mlflow", pg["OPTUNA_DB_PASSWORD"])
+        assert denied.returncode != 0 and "permission denied" in denied.stderr
 
         import optuna
 
-        template = _read_env_file(K8S / "secrets" / "postgres.env.example")["PSAMF_OPTUNA_STORAGE"]
-        storage = template.replace("postgres.psamf.svc.cluster.local:5432", hostport)  # trust auth: any password
+        template = _read_env_file(K8S / "secrets" / "optuna.env.example")["PSAMF_OPTUNA_STORAGE"]
+        storage = (template.replace("postgres.psamf.svc.cluster.local:5432", f"{host}:{port}")
+                   .replace("CHANGE_ME_OPTUNA_DB_PASSWORD", pg["OPTUNA_DB_PASSWORD"]))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(storage=storage, study_name="psamf-infra-check")
         study.optimize(lambda t: t.suggest_float("tau", 0.02, 0.5), n_trials=1)
@@ -559,30 +597,43 @@ def _kubelet_expand(value: str, env: dict[str, str]) -> str:
 @pytest.mark.slow
 def test_mlflow_server_runs_as_the_deployment_runs_it(rendered, tmp_path, monkeypatch):
     """The Deployment's command, args and env (secrets filled in, $(VAR) expanded like the kubelet,
-    the Service names pointed at local PostgreSQL and moto S3): /health answers, the cluster's
-    Service name is an allowed Host and a foreign one is refused, and an artifact lands in s3://mlflow/."""
+    the Service names pointed at local PostgreSQL and moto S3, the auth ConfigMap's paths under
+    tmp): /health answers without credentials and the API does not; the mlflow-users Job's
+    command creates the pipeline's user, which can track (an artifact lands in s3://mlflow/) but
+    not administer; the cluster's Service name is an allowed Host and a foreign one is refused."""
     servers = _servers()
     import boto3
     import requests
 
     (c,) = _find(rendered["base"], "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    (job,) = _find(rendered["base"], "Job", "mlflow-users")["spec"]["template"]["spec"]["containers"]
     secrets = {o["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in o["data"].items()}
                for o in rendered["secrets"] if o["metadata"]["namespace"] == "psamf"}
     s3_secret = secrets["psamf-s3"]
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):  # moto's own client
         monkeypatch.setenv(key, s3_secret[key])
+    ini = _find(rendered["base"], "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"]
+    (tmp_path / "auth-config").mkdir()
+    (tmp_path / "auth-config" / "basic_auth.ini").write_text(ini.replace("/var/lib/mlflow-auth", str(tmp_path)))
+
+    def resolve(container: dict, base: dict[str, str]) -> dict[str, str]:
+        env = dict(base)
+        for e in container["env"]:
+            if "value" in e:
+                env[e["name"]] = _kubelet_expand(e["value"], env)
+            else:
+                ref = e["valueFrom"]["secretKeyRef"]
+                env[e["name"]] = secrets[ref["name"]][ref["key"]]
+        return env
+
     with servers.postgres_server("mlflow") as pg_url:
-        hostport = _pg_superuser(pg_url, servers.pg_bin(), secrets["psamf-postgres"]["POSTGRES_USER"])
+        hostport = _pg_superuser(pg_url, servers.pg_bin(), secrets["psamf-postgres"]["MLFLOW_DB_USER"])
         with servers.moto_s3("mlflow") as s3_endpoint:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-            for e in c["env"]:
-                if "value" in e:
-                    env[e["name"]] = _kubelet_expand(e["value"], env)
-                else:
-                    ref = e["valueFrom"]["secretKeyRef"]
-                    env[e["name"]] = secrets[ref["name"]][ref["key"]]
+            clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+            env = resolve(c, clean)
             assert "$(" not in env["MLFLOW_BACKEND_STORE_URI"]
             env["MLFLOW_BACKEND_STORE_URI"] = env["MLFLOW_BACKEND_STORE_URI"].replace("@postgres:5432", f"@{hostport}")
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "auth-config" / "basic_auth.ini")
             env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
             env["AWS_DEFAULT_REGION"] = s3_secret["AWS_DEFAULT_REGION"]
             env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -596,17 +647,34 @@ def test_mlflow_server_runs_as_the_deployment_runs_it(rendered, tmp_path, monkey
             try:
                 url = f"http://127.0.0.1:{port}"
                 t0 = time.perf_counter()
-                servers._wait_http(f"{url}/health", proc, 120, log)
+                servers._wait_http(f"{url}/health", proc, 120, log)  # unauthenticated: probes work
                 startup = time.perf_counter() - t0
+                admin = secrets["psamf-mlflow-admin"]
+                admin_auth = (admin["MLFLOW_AUTH_ADMIN_USERNAME"], admin["MLFLOW_AUTH_ADMIN_PASSWORD"])
                 api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
-                ok = requests.get(api, headers={"Host": "mlflow.psamf.svc.cluster.local:5000"}, timeout=10)
+                assert requests.get(api, timeout=10).status_code == 401  # no credentials, no API
+                ok = requests.get(api, headers={"Host": "mlflow.psamf.svc.cluster.local:5000"}, auth=admin_auth,
+                                  timeout=10)
                 assert ok.status_code == 200, ok.text
-                assert requests.get(api, headers={"Host": "mlflow.psamf:5000"}, timeout=10).status_code == 200
-                bad = requests.get(api, headers={"Host": "attacker.example.com"}, timeout=10)
+                assert requests.get(api, headers={"Host": "mlflow.psamf:5000"}, auth=admin_auth,
+                                    timeout=10).status_code == 200
+                bad = requests.get(api, headers={"Host": "attacker.example.com"}, auth=admin_auth, timeout=10)
                 assert bad.status_code == 403, bad.status_code
+
+                # The mlflow-users Job, exactly as deployed (its Service URL pointed here).
+                job_env = resolve(job, clean)
+                job_env["MLFLOW_TRACKING_URI"] = url
+                job_env["PATH"] = env["PATH"]  # the image's PATH has /opt/venv/bin first
+                for _ in range(2):  # idempotent: a second run resets the same user's password
+                    made = subprocess.run(job["command"], env=job_env, capture_output=True, text=True, timeout=120)
+                    assert made.returncode == 0, made.stderr
+                    assert job_env["PSAMF_USER_PASSWORD"] not in made.stdout + made.stderr
 
                 import mlflow
 
+                pipeline = secrets["psamf-mlflow"]
+                monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", pipeline["MLFLOW_TRACKING_USERNAME"])
+                monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", pipeline["MLFLOW_TRACKING_PASSWORD"])
                 client = mlflow.MlflowClient(tracking_uri=url)
                 exp = client.create_experiment("infra-check")
                 run = client.create_run(exp)
@@ -616,7 +684,11 @@ def test_mlflow_server_runs_as_the_deployment_runs_it(rendered, tmp_path, monkey
                 s3 = boto3.client("s3", endpoint_url=s3_endpoint)
                 keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
                 assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
-                assert secrets["psamf-postgres"]["POSTGRES_PASSWORD"] not in " ".join(cmd)
+                users = requests.post(f"{url}/api/2.0/mlflow/users/create", json={"username": "x", "password": "y"},
+                                      auth=(pipeline["MLFLOW_TRACKING_USERNAME"], pipeline["MLFLOW_TRACKING_PASSWORD"]),
+                                      timeout=10)
+                assert users.status_code == 403, users.status_code  # not an admin
+                assert secrets["psamf-postgres"]["MLFLOW_DB_PASSWORD"] not in " ".join(cmd)
                 print(f"mlflow server as deployed: ready in {startup:.1f} s")
             finally:
                 servers.stop_process(proc)

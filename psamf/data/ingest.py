@@ -7,7 +7,6 @@ transcript are reported and excluded by name, never dropped silently.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from psamf.data.csd import ComputationalSequence, read_csd
 from psamf.data.layout import SIMULATED_KEY, csd_name, read_folds, read_transcripts
 from psamf.data.prepared import MODALITIES, PreparedDataset, save_prepared
 from psamf.errors import InputError
+from psamf.fingerprint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ def corpus_sources(cfg: Config) -> CorpusSources:
         return CorpusSources(sdk / csd_name(corpus, "labels"), av["audio"], av["visual"],
                              sdk / "transcripts.csv", sdk / "standard_folds.json")
     raise InputError("data.corpus", f"unknown corpus {corpus!r} (synthetic | mosi)")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_dim(seq: ComputationalSequence, path: Path, want: int) -> None:
@@ -142,7 +134,7 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
         "nonfinite": {"policy": cfg.data.nonfinite, **nonfinite},
         "folds": folds,
         "video_end": video_end,
-        "sources": {role: {"path": str(p), "sha256": sha256(p)} for role, p in vars(src).items()},
+        "sources": {role: {"path": str(p), "sha256": file_sha256(p)} for role, p in vars(src).items()},
     }
     return PreparedDataset(segments, arrays, manifest), manifest
 
