@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from psamf.errors import InputError
+from psamf.io import read_text
 
 PROFILES = ("smoke", "demo", "paper")
 
@@ -32,6 +33,8 @@ class DataConfig:
     audio_dim: int = 74
     visual_dim: int = 35
     nonfinite: str = "zero"
+    orphan_transcripts: str = "warn"
+    max_csd_mb: int = 4096
     loo_users: int = 10
     min_user_segments: int = 20
     seed: int = 0
@@ -360,7 +363,7 @@ def load_config(
     path = Path(params) if params else default_params_path()
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as e:
             raise InputError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
     elif params:
@@ -389,4 +392,18 @@ def load_config(
             if not isinstance(node, dict):
                 raise InputError("--set", f"{'.'.join(p)}: {part} is not a section")
         node[p[-1]] = v
-    return _build(Config, merged, "")
+    return _check(_build(Config, merged, ""))
+
+
+CHOICES = {("data", "nonfinite"): ("zero", "error"), ("data", "orphan_transcripts"): ("warn", "error")}
+
+
+def _check(cfg: Config) -> Config:
+    """Choice and range checks that a type alone cannot express, naming the key."""
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise InputError("params", f"{section}.{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.data.max_csd_mb < 1:
+        raise InputError("params", f"data.max_csd_mb must be >= 1, got {cfg.data.max_csd_mb}")
+    return cfg

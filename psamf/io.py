@@ -69,14 +69,38 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def read_json(path: str | Path, missing: str = "file not found") -> Any:
-    """The parsed JSON file; an InputError naming it when it is absent (`missing`) or not JSON."""
+def read_text(path: str | Path, missing: str = "file not found") -> str:
+    """A text file strictly as UTF-8 (a BOM is dropped); an InputError naming the file and the
+    first bad byte's offset and line, instead of a UnicodeDecodeError traceback."""
     from psamf.errors import InputError
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, missing)
+    data = p.read_bytes()
     try:
-        return json.loads(p.read_text())
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(p, f"not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line})") from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"key {k!r} appears twice")
+        seen[k] = v
+    return seen
+
+
+def read_json(path: str | Path, missing: str = "file not found") -> Any:
+    """The parsed JSON file; an InputError naming it when it is absent (`missing`), not UTF-8,
+    not JSON, or has a key twice in one object (JSON would silently keep the last)."""
+    from psamf.errors import InputError
+
+    p = Path(path)
+    try:
+        return json.loads(read_text(p, missing), object_pairs_hook=_no_duplicate_keys)
     except ValueError as e:
         raise InputError(p, f"not valid JSON ({e})") from None

@@ -68,8 +68,32 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def read_csd(path: str | Path, videos: set[str] | None = None) -> ComputationalSequence:
-    """Read a .csd file; any problem becomes one InputError naming the file and the group."""
+DEFAULT_MAX_BYTES = 4 << 30  # data.max_csd_mb: what one file may declare in all, decoded
+
+
+def _checked(path: Path, where: str, ds: Any, budget: list[int]) -> None:
+    """Refuse a dataset by its declared dtype and shape, before reading a byte of it: a small
+    (compressed, or lying) file can declare terabytes, which would raise MemoryError or get
+    the process OOM-killed instead of a message."""
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(path, f"{where} is not a dataset")
+    if ds.dtype.kind not in "fiu":
+        raise InputError(path, f"{where} has dtype {ds.dtype}, not a number")
+    if len(ds.shape) != 2:
+        raise InputError(path, f"{where} must be 2-d, it declares shape {ds.shape}")
+    size = int(np.prod(ds.shape, dtype=np.float64)) * 4  # read as float32
+    budget[0] -= size
+    if budget[0] < 0:
+        raise InputError(path, f"{where} declares shape {ds.shape}: over the cap of what one file may hold "
+                               f"(data.max_csd_mb)")
+
+
+def read_csd(path: str | Path, videos: set[str] | None = None,
+             max_bytes: int = DEFAULT_MAX_BYTES) -> ComputationalSequence:
+    """Read a .csd file; any problem becomes one InputError naming the file and the group.
+    Video ids must be safe ids (they name files later); declared sizes are capped by `max_bytes`."""
+    from psamf.data.layout import check_id
+
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
@@ -92,12 +116,19 @@ def read_csd(path: str | Path, videos: set[str] | None = None) -> ComputationalS
             except (OSError, IndexError) as e:
                 raise InputError(path, f"metadata/{key} unreadable: {e}") from None
         data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        budget = [max_bytes]
         for vid, grp in root["data"].items():
             if videos is not None and vid not in videos:
                 continue
             where = f"data/{vid}"
+            check_id(vid, "video id", f"{path}: {where}")
             if not isinstance(grp, h5py.Group) or "features" not in grp or "intervals" not in grp:
                 raise InputError(path, f"{where} must hold 'features' and 'intervals' datasets")
+            _checked(path, f"{where}/features", grp["features"], budget)
+            _checked(path, f"{where}/intervals", grp["intervals"], budget)
+            n_feats, n_ivals = grp["features"].shape[0], grp["intervals"].shape[0]
+            if n_feats != n_ivals:
+                raise InputError(path, f"{where}: {n_feats} feature rows but {n_ivals} intervals")
             try:
                 feats = np.asarray(grp["features"][()], dtype=np.float32)
                 ivals = np.asarray(grp["intervals"][()], dtype=np.float32)

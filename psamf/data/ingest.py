@@ -65,12 +65,19 @@ def _check_dim(seq: ComputationalSequence, path: Path, want: int) -> None:
 def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, dict[str, Any]]:
     """Everything ingest computes, in memory; `ingest` adds the atomic write."""
     T = cfg.data.seq_len
-    labels = read_csd(src.labels)
+    cap = cfg.data.max_csd_mb << 20
+    labels = read_csd(src.labels, max_bytes=cap)
     transcripts = read_transcripts(src.transcripts)
     folds = read_folds(src.folds)
     split_of = {v: s for s, vs in folds.items() for v in vs}
     videos = set(labels.data)
-    streams = {"audio": read_csd(src.audio, videos), "visual": read_csd(src.visual, videos)}
+    streams = {"audio": read_csd(src.audio, videos, cap), "visual": read_csd(src.visual, videos, cap)}
+    # Transcript rows for segments no label names: a wrong file, or ids that drifted.
+    labelled = {f"{v}_{i + 1}" for v, (f, _) in labels.data.items() for i in range(len(f))}
+    orphans = sorted(set(transcripts) - labelled)
+    if orphans and cfg.data.orphan_transcripts == "error":
+        raise InputError(src.transcripts, f"{len(orphans)} row(s) for segments with no label, e.g. {orphans[0]} "
+                                          "(data.orphan_transcripts=error)")
     _check_dim(streams["audio"], src.audio, cfg.data.audio_dim)
     _check_dim(streams["visual"], src.visual, cfg.data.visual_dim)
 
@@ -131,6 +138,7 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
         "n_prepared": len(segments),
         "splits": {s: int((segments["split"] == s).sum()) for s in ("train", "valid", "test")},
         "excluded": excluded,
+        "orphan_transcripts": orphans,
         "nonfinite": {"policy": cfg.data.nonfinite, **nonfinite},
         "folds": folds,
         "video_end": video_end,
@@ -150,10 +158,13 @@ def ingest(cfg: Config) -> dict[str, Any]:
         tracking.set_tags({"av_simulated": manifest["av_simulated"]})
         tracking.log_metrics({"n_labelled": manifest["n_labelled"], "n_prepared": manifest["n_prepared"],
                               "n_excluded": len(manifest["excluded"]),
+                              "n_orphan_transcripts": len(manifest["orphan_transcripts"]),
                               **{f"nonfinite_{m}": manifest["nonfinite"][m] for m in MODALITIES}})
         tracking.log_artifact(out / "manifest.json", "ingest")
     for e in manifest["excluded"]:
         log.warning("excluded %s: %s", e["segment_id"], e["reason"])
+    for seg in manifest["orphan_transcripts"]:
+        log.warning("%s: row for segment %s, which has no label (ignored)", src.transcripts, seg)
     return {k: manifest[k] for k in ("corpus", "av_simulated", "n_labelled", "labelled_splits", "n_prepared", "splits",
-                                      "excluded", "nonfinite")} | {"videos": len(manifest["video_end"]),
+                                      "excluded", "orphan_transcripts", "nonfinite")} | {"videos": len(manifest["video_end"]),
                                                                    "out": str(out)}

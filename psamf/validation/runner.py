@@ -302,6 +302,8 @@ def _summary(ds: PreparedDataset, cfg: Config, frames: dict[str, pd.DataFrame], 
         "av_simulated": manifest.get("av_simulated"),
         "profile": cfg.profile,
         "counts": counts,
+        "orphan_transcripts": {"count": len(manifest.get("orphan_transcripts") or []),
+                               "segment_ids": list(manifest.get("orphan_transcripts") or [])[:20]},
         "nonfinite": {
             "policy": nonfinite.get("policy"),
             "replaced_at_ingest": {m: nonfinite.get(m) for m in MODALITIES},
