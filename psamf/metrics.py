@@ -45,13 +45,20 @@ CONVENTIONS: dict[str, str] = {
 METRIC_KEYS = tuple(CONVENTIONS)
 
 
+class NonFiniteError(ValueError):
+    """A model produced NaN/inf predictions (a diverged run): a result, not a bug to crash on."""
+
+
 def _as_1d(x, name: str) -> np.ndarray:
     # Accept numpy, lists and torch tensors (anything with .detach) without importing torch here.
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     a = np.asarray(x, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} has {int(np.sum(~np.isfinite(a)))} non-finite value(s)")
+        bad = int(np.sum(~np.isfinite(a)))
+        if name == "preds":
+            raise NonFiniteError(f"{bad} of {a.size} predictions are not finite (the run diverged)")
+        raise ValueError(f"{name} has {bad} non-finite value(s)")
     return a
 
 

@@ -13,7 +13,10 @@ Input: a pandas DataFrame, one row per segment (the same for both models)
   `psamf.data.align.pool_or_pad`, exactly as `psamf data ingest` did, so frames as they come
   from the SDK give the training-time inputs. An empty list means "no frame".
 - Non-finite values become 0: ingest's `data.nonfinite: zero` policy.
-- A wrong frame width, or ragged frames, is an input error. Served, that is HTTP 400.
+- A wrong frame width, or ragged frames, is an input error. Served, that is HTTP 400. So are a
+  request over $PSAMF_SERVE_MAX_ROWS rows (default 1024), a row over $PSAMF_SERVE_MAX_FRAMES
+  frames in a modality (default 20000), and a value beyond float32's range (it would become inf,
+  and the speaker's z-scoring would turn the whole group's predictions into NaN).
 - `user_id`: a speaker the model was pretrained on gets its own user embedding. Anything
   else (an unseen speaker, null, or no column at all) gets the UNKNOWN user's row 0, the
   cold-start prompt the User Adapter learned in pretraining.
@@ -57,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -134,10 +138,25 @@ def _missing(v: Any) -> bool:
         return False
 
 
+MAX_ROWS_ENV, MAX_FRAMES_ENV = "PSAMF_SERVE_MAX_ROWS", "PSAMF_SERVE_MAX_FRAMES"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _limit(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
 def frames_array(value: Any, dim: int, column: str, row: int) -> np.ndarray:
     """One cell of `audio`/`visual` -> float64 [n, dim]; [] or null -> [0, dim]."""
     if _missing(value):
         return np.zeros((0, dim))
+    max_frames = _limit(MAX_FRAMES_ENV, 20000)
+    if hasattr(value, "__len__") and len(value) > max_frames:  # refuse before converting it
+        raise _bad_input(f"row {row}: {column} has {len(value)} frames; at most {max_frames} "
+                         f"(${MAX_FRAMES_ENV})")
     try:
         if isinstance(value, np.ndarray) and value.dtype == object:  # schema enforcement gives arrays of arrays
             rows = [np.asarray(f, dtype=np.float64) for f in value]
@@ -150,7 +169,12 @@ def frames_array(value: Any, dim: int, column: str, row: int) -> np.ndarray:
         return np.zeros((0, dim))
     if x.ndim != 2 or x.shape[1] != dim:
         raise _bad_input(f"row {row}: {column} must be [frames, {dim}], got shape {list(x.shape)}")
-    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    big = np.abs(x) > FLOAT32_MAX
+    if big.any():
+        frame, feat = map(int, np.argwhere(big)[0])
+        raise _bad_input(f"row {row}: {column}[{frame}][{feat}] = {x[frame, feat]:.3g} is beyond float32's range")
+    return x
 
 
 def pooled(values: Iterable[Any], dim: int, T: int, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +198,9 @@ def check_frame(df: Any) -> pd.DataFrame:
     if missing:
         raise _bad_input(f"input is missing column(s) {', '.join(missing)} (needs text, audio, visual; "
                          "user_id optional)")
+    max_rows = _limit(MAX_ROWS_ENV, 1024)
+    if len(df) > max_rows:
+        raise _bad_input(f"request has {len(df)} rows; at most {max_rows} (${MAX_ROWS_ENV}): split it")
     return df
 
 

@@ -93,6 +93,7 @@ from psamf import tracking
 from psamf.config import Config, load_config
 from psamf.errors import InputError
 from psamf.io import write_json, write_text
+from psamf.metrics import NonFiniteError
 from psamf.redact import redact
 from psamf.resources import cpu_count
 
@@ -104,7 +105,8 @@ PRUNERS = ("median", "hyperband", "none")
 SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_RETRIES = 4
 MAX_WAIT_POLL_S = 5.0
-ROW_COLUMNS = ["number", "state", "value", *PARAMS, "epochs", "best_epoch", "retry_of", "worker", "duration_s"]
+ROW_COLUMNS = ["number", "state", "value", *PARAMS, "epochs", "best_epoch", "retry_of", "worker", "duration_s",
+               "fail_reason"]
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
 
 
@@ -414,6 +416,10 @@ class Objective:
                     state = "COMPLETE" if math.isfinite(value) else "FAIL"
                 except optuna.TrialPruned as e:
                     pruned, state = e, "PRUNED"
+                except NonFiniteError as e:  # a diverged trial is a FAIL with its reason; the worker goes on
+                    trial.set_user_attr("fail_reason", str(e))
+                    tracking.set_tags({"fail_reason": str(e)})
+                    log.warning("trial %d failed: %s", trial.number, e)
                 finally:
                     for step, v in rec.reports:
                         tracking.log_metrics({"valid_mae": v}, step=step)
@@ -783,7 +789,7 @@ def _trial_row(t) -> dict[str, Any]:
             **{k: t.params.get(k) for k in PARAMS},
             "epochs": len(t.intermediate_values), "best_epoch": t.user_attrs.get("best_epoch"),
             "retry_of": retry_of, "worker": t.user_attrs.get("worker"),
-            "duration_s": None if dur is None else round(dur, 2)}
+            "duration_s": None if dur is None else round(dur, 2), "fail_reason": t.user_attrs.get("fail_reason")}
 
 
 def _save_plots(study, out: Path) -> dict[str, Any]:

@@ -122,6 +122,33 @@ def test_mult_variable_lengths_and_bad_input(trained, mult_logged):
     assert model.predict(df.iloc[:0]).shape == (0, 1)
 
 
+def test_request_limits_and_float32_overflow_are_400s(trained, mult_logged, monkeypatch):
+    """Served requests are capped (rows, frames per row) and a value float32 cannot hold is named,
+    instead of an inf that z-scoring would spread as NaN over a whole user group."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
+
+    cfg, _, _, _ = trained
+    model = mult_logged[1]
+    da, dv = cfg.data.audio_dim, cfg.data.visual_dim
+    row = {"text": "fine", "audio": np.zeros((3, da)).tolist(), "visual": np.zeros((2, dv)).tolist()}
+    df = pd.DataFrame([row] * 3)
+    assert np.isfinite(model.predict(df)["sentiment"]).all()
+    monkeypatch.setenv("PSAMF_SERVE_MAX_ROWS", "2")
+    with pytest.raises(MlflowException, match=r"request has 3 rows; at most 2 \(\$PSAMF_SERVE_MAX_ROWS\)") as e:
+        model.predict(df)
+    assert e.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)  # HTTP 400 when served
+    assert len(model.predict(df.iloc[:2])) == 2
+    monkeypatch.setenv("PSAMF_SERVE_MAX_FRAMES", "2")
+    with pytest.raises(MlflowException, match=r"row 0: audio has 3 frames; at most 2"):
+        model.predict(df.iloc[:1])
+    monkeypatch.delenv("PSAMF_SERVE_MAX_FRAMES")
+    big = np.zeros((2, dv))
+    big[1, 4] = 1e39
+    with pytest.raises(MlflowException, match=r"row 1: visual\[1\]\[4\] = 1e\+39 is beyond float32's range"):
+        model.predict(pd.DataFrame([row, {**row, "visual": big.tolist()}]))
+
+
 def test_mult_logged_model_metadata(mult_logged):
     import mlflow
 

@@ -151,6 +151,32 @@ def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tm
     assert json.loads((out / "best_params.json").read_text()) == best
 
 
+def test_a_diverged_trial_fails_with_its_reason_and_the_study_finishes(root, tmp_path, monkeypatch):
+    """NaN predictions in one trial: that trial is FAIL with the reason, the one worker goes on,
+    and the study still reaches tune.n_trials finished trials."""
+    import numpy as np
+
+    import psamf.psamf_train as pt
+    from psamf.tune import tune
+
+    monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
+    real, calls = pt.predict, []
+
+    def first_call_diverges(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return np.full_like(out, np.nan) if len(calls) == 1 else out
+
+    monkeypatch.setattr(pt, "predict", first_call_diverges)
+    cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", f"tune.storage=sqlite:///{tmp_path}/optuna.db",
+                  "tune.pruner=none")
+    s = tune(cfg, workers=1)
+    assert s["complete"] and finished(s) == cfg.tune.n_trials and s["trials_by_state"]["FAIL"] == 1
+    failed = [t for t in s["trials"] if t["state"] == "FAIL"]
+    assert failed[0]["number"] == 0 and "predictions are not finite" in failed[0]["fail_reason"]
+    assert s["best_value"] is not None and np.isfinite(s["best_value"])
+
+
 def test_an_epoch_budget_ends_the_study_before_n_trials(root, tmp_path, monkeypatch):
     """tune.epoch_budget: trials start only while their tune.epochs fit, and the study counts as
     finished (report written, no error) with fewer than tune.n_trials trials."""
