@@ -57,7 +57,7 @@ def _as_1d(x, name: str) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         bad = int(np.sum(~np.isfinite(a)))
         if name == "preds":
-            raise NonFiniteError(f"{bad} of {a.size} predictions are not finite (the run diverged)")
+            raise NonFiniteError(f"{name}: {bad} of {a.size} predictions are non-finite (the run diverged)")
         raise ValueError(f"{name} has {bad} non-finite value(s)")
     return a
 

@@ -173,7 +173,7 @@ def test_a_diverged_trial_fails_with_its_reason_and_the_study_finishes(root, tmp
     s = tune(cfg, workers=1)
     assert s["complete"] and finished(s) == cfg.tune.n_trials and s["trials_by_state"]["FAIL"] == 1
     failed = [t for t in s["trials"] if t["state"] == "FAIL"]
-    assert failed[0]["number"] == 0 and "predictions are not finite" in failed[0]["fail_reason"]
+    assert failed[0]["number"] == 0 and "predictions are non-finite" in failed[0]["fail_reason"]
     assert s["best_value"] is not None and np.isfinite(s["best_value"])
 
 
