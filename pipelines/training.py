@@ -102,6 +102,9 @@ def train_and_register(profile: str, overrides: List[str], params_yaml: str, fin
                         secrets=CHECKPOINTED)
     gate = configure(stages.register(dataset=dataset, personality_model=personality_model,
                                      model=trained.outputs["model"], **common), "register", memory="4G")
+    # The gate's lock lives in a database: the tracking server hides its own, so use Optuna's PostgreSQL.
+    kubernetes.use_secret_as_env(gate, secret_name="psamf-optuna",
+                                 secret_key_to_env={"PSAMF_OPTUNA_STORAGE": "PSAMF_REGISTRY_LOCK_URL"})
     gate.after(report)
 
 

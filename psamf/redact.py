@@ -14,7 +14,8 @@ from typing import Any
 MASK = "***"
 # Env vars whose values are credentials (or URLs that may embed one).
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-              "PSAMF_OPTUNA_STORAGE", "MLFLOW_BACKEND_STORE_URI", "POSTGRES_PASSWORD", "PGPASSWORD")
+              "PSAMF_OPTUNA_STORAGE", "PSAMF_REGISTRY_LOCK_URL", "MLFLOW_BACKEND_STORE_URI", "POSTGRES_PASSWORD",
+              "PGPASSWORD")
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@/\s]+)@")
 _QUERY = re.compile(r"(?i)(?P<head>[?&;](?:password|passwd|pwd|secret|token|access_key|secret_key|"
                     r"aws_secret_access_key|sslpassword)=)(?P<pw>[^&;\s]+)")

@@ -38,9 +38,12 @@ numbers are tags on the version and on the run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 from psamf.config import Config, RegistryConfig
@@ -65,11 +68,31 @@ class Decision:
         return CHAMPION if self.promote else CHALLENGER
 
 
-def test_set_id(corpus: str, segment_ids: Iterable[str], av_simulated: bool) -> str:
-    """Fingerprint of a test set: order-independent, changes with any segment, the corpus or the AV source."""
+def test_set_id(corpus: str, segment_ids: Iterable[str], av_simulated: bool, content: str = "") -> str:
+    """Fingerprint of a test set: order-independent, changes with any segment, the corpus, the AV
+    source, or `content` (what the segments hold: `dataset_test_set_id` passes labels, seq_len
+    and a hash of the features, so re-ingested data under the same ids is another test set)."""
     ids = sorted({str(s) for s in segment_ids})
-    h = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    h = hashlib.sha256(("\n".join(ids) + ("\n#" + content if content else "")).encode()).hexdigest()[:16]
     return f"{corpus}:{len(ids)}:{h}:av_simulated={str(bool(av_simulated)).lower()}"
+
+
+def dataset_test_set_id(ds, idx) -> str:
+    """test_set_id of rows `idx` of a prepared dataset: ids, labels, seq_len, text and features."""
+    import numpy as np
+
+    from psamf.training import tensor_digest
+
+    seg = ds.segments.iloc[idx].sort_values("segment_id")
+    order = seg.index.to_numpy()
+    content = {"labels": np.round(seg["label"].to_numpy(np.float64), 6).tolist(),
+               "text": hashlib.sha256("\n".join(seg["text"].astype(str)).encode()).hexdigest(),
+               "seq_len": int(ds.manifest.get("seq_len") or 0),
+               "features": tensor_digest({k: v[order] for k, v in ds.arrays.items()})}
+    import json
+
+    return test_set_id(ds.manifest.get("corpus") or "", seg["segment_id"], ds.av_simulated,
+                       json.dumps(content, sort_keys=True))
 
 
 test_set_id.__test__ = False  # not a pytest test, whatever its name says
@@ -195,52 +218,109 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+LOCK_ENV = "PSAMF_REGISTRY_LOCK_URL"
+SOURCE = GATE + "source_sha256"  # the registered file's content: a retried task finds its version
+
+
+def gate_lock(cfg: Config, model_name: str):
+    """The lock around 'read @champion, decide, move the alias' for `model_name`: on the tracking
+    store itself when it is a database (sqlite file lock, PostgreSQL advisory lock), else on the
+    database named by $PSAMF_REGISTRY_LOCK_URL (a tracking *server* hides its store; on the
+    cluster the register task points this at the PostgreSQL it already uses for Optuna)."""
+    import logging
+
+    from psamf import tracking
+    from psamf.locks import NamedLock
+
+    url = os.environ.get(LOCK_ENV) or tracking.tracking_uri(cfg)
+    if url.startswith(("http://", "https://", "databricks", "file:")) or "://" not in url:
+        logging.getLogger(__name__).warning(
+            "registry: no lock for %s; set $%s so that concurrent registrations are serialized",
+            url.split("://")[0], LOCK_ENV)
+        return contextlib.nullcontext()
+    return NamedLock(url, f"psamf-registry:{model_name}")
+
+
+def versions_with_source(client, name: str, source_key: str) -> list:
+    """Versions of `name` registered from the file with this content hash, lowest first."""
+    found = client.search_model_versions(f"name = '{name}'")
+    return sorted((v for v in found if (v.tags or {}).get(SOURCE) == source_key), key=lambda v: int(v.version))
+
+
+def _recorded_decision(tags: dict[str, str]) -> Decision:
+    """The decision a crashed registration wrote before it moved the alias."""
+    return Decision(promote=tags.get(GATE + "promoted") == "true", verdict=tags[GATE + "decision"],
+                    reason=tags.get(GATE + "reason", ""),
+                    deltas={k: float(tags[GATE + k]) for k in ("mae_gain", "acc2_change") if GATE + k in tags})
+
+
 def register(cfg: Config, run_id: str, model_uri: str, metrics: dict[str, float], test_set_id: str,
-             model_name: str) -> dict[str, Any]:
-    """Create (once per run) a registry version of `model_uri`, gate it against @champion, move aliases."""
+             model_name: str, source_key: str | None = None) -> dict[str, Any]:
+    """Create (once per run, and once per source file) a registry version of `model_uri`, gate it
+    against @champion, move the aliases.
+
+    Under `gate_lock`, so two registrations never decide against the same old champion. The
+    order makes a crash at any step safe to rerun: the decision and its numbers are written as
+    tags first (`gate.decision`), then the alias moves, then `gate.verdict` marks it done; a
+    rerun that finds a version without a verdict applies the recorded decision."""
     check_margins(cfg.registry)
     client = client_for(cfg)
     _ensure_model(client, model_name)
-    existing = versions_of_run(client, model_name, run_id)
-    duplicate = bool(existing)
-    if existing and (existing[0].tags or {}).get(GATE + "verdict"):
-        return _result(model_name, existing[0], _aliases(client, model_name), duplicate=True)
-    if existing:
-        mv = existing[0]  # created but never gated (a crash in between): gate it now
-    else:
-        mv = client.create_model_version(model_name, source=model_uri, run_id=run_id,
-                                         model_id=_model_id(model_uri))
-        # another process registering the same run at the same moment: the lower version wins
-        same = versions_of_run(client, model_name, run_id)
-        if same and int(same[0].version) < int(mv.version):
-            client.delete_model_version(model_name, mv.version)
-            return register(cfg, run_id, model_uri, metrics, test_set_id, model_name)
-    version = str(mv.version)
-    aliases = _aliases(client, model_name)
-    champ_version = aliases.get(CHAMPION)
-    champion = None
-    if champ_version is not None and champ_version != version:
-        champion = recorded(client.get_model_version(model_name, champ_version))
-    challenger = {"mae": metrics.get("mae"), "non0_acc2": metrics.get("non0_acc2"), "test_set_id": test_set_id}
-    d = decide(challenger, champion, cfg.registry)
-
-    tags = {GATE + "mae": metrics.get("mae"), GATE + "non0_acc2": metrics.get("non0_acc2"),
-            GATE + "test_set_id": test_set_id, GATE + "verdict": d.verdict, GATE + "promoted": d.promote,
-            GATE + "reason": d.reason, GATE + "compared_to": champion["version"] if champion else "",
-            GATE + "mae_margin": cfg.registry.mae_margin, GATE + "acc2_margin": cfg.registry.acc2_margin,
-            **{GATE + k: v for k, v in d.deltas.items()},
-            **{TEST + k: v for k, v in metrics.items()}}
-    for k, v in tags.items():
-        client.set_model_version_tag(model_name, version, k, _fmt(v))
-    if d.promote:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-        if aliases.get(CHALLENGER) == version:
-            client.delete_registered_model_alias(model_name, CHALLENGER)
-    else:
-        client.set_registered_model_alias(model_name, CHALLENGER, version)
+    with gate_lock(cfg, model_name):
+        existing = versions_of_run(client, model_name, run_id) or (
+            versions_with_source(client, model_name, source_key) if source_key else [])
+        duplicate = bool(existing)
+        if existing and (existing[0].tags or {}).get(GATE + "verdict"):
+            return _result(model_name, existing[0], _aliases(client, model_name), duplicate=True)
+        if existing:
+            mv = existing[0]  # created but never gated (a crash in between): gate it now
+        else:
+            mv = client.create_model_version(model_name, source=model_uri, run_id=run_id,
+                                             model_id=_model_id(model_uri),
+                                             tags={SOURCE: source_key} if source_key else None)
+            # another process registering the same run without a lock: the lower version wins
+            same = versions_of_run(client, model_name, run_id)
+            if same and int(same[0].version) < int(mv.version):
+                client.delete_model_version(model_name, mv.version)
+                return register(cfg, run_id, model_uri, metrics, test_set_id, model_name, source_key)
+        version = str(mv.version)
+        aliases = _aliases(client, model_name)
+        tags = mv.tags or {}
+        # Decided before a crash: apply that decision, unless @champion moved on since (then decide anew).
+        if GATE + "decision" in tags and aliases.get(CHAMPION) in (version, tags.get(GATE + "compared_to") or None):
+            d = _recorded_decision(tags)
+            champ_version = tags.get(GATE + "compared_to") or None
+            compared = champ_version or ""
+            metrics = {k[len(TEST):]: float(v) for k, v in tags.items() if k.startswith(TEST)} or metrics
+            test_set_id = tags.get(GATE + "test_set_id", test_set_id)
+        else:
+            champ_version = aliases.get(CHAMPION)
+            champion = None
+            if champ_version is not None and champ_version != version:
+                champion = recorded(client.get_model_version(model_name, champ_version))
+            challenger = {"mae": metrics.get("mae"), "non0_acc2": metrics.get("non0_acc2"),
+                          "test_set_id": test_set_id}
+            d = decide(challenger, champion, cfg.registry)
+            compared = champion["version"] if champion else ""
+            decided = {GATE + "mae": metrics.get("mae"), GATE + "non0_acc2": metrics.get("non0_acc2"),
+                       GATE + "test_set_id": test_set_id, GATE + "promoted": d.promote,
+                       GATE + "reason": d.reason, GATE + "compared_to": compared,
+                       GATE + "mae_margin": cfg.registry.mae_margin, GATE + "acc2_margin": cfg.registry.acc2_margin,
+                       **{GATE + k: v for k, v in d.deltas.items()},
+                       **{TEST + k: v for k, v in metrics.items()}}
+            for k, v in decided.items():
+                client.set_model_version_tag(model_name, version, k, _fmt(v))
+            client.set_model_version_tag(model_name, version, GATE + "decision", d.verdict)  # last: the record is whole
+        if d.promote:
+            client.set_registered_model_alias(model_name, CHAMPION, version)
+            if aliases.get(CHALLENGER) == version:
+                client.delete_registered_model_alias(model_name, CHALLENGER)
+        else:
+            client.set_registered_model_alias(model_name, CHALLENGER, version)
+        client.set_model_version_tag(model_name, version, GATE + "verdict", d.verdict)  # done
     run_tags = {RUN + "model": model_name, RUN + "version": version, RUN + "alias": d.alias,
                 RUN + "verdict": d.verdict, RUN + "promoted": d.promote, RUN + "reason": d.reason,
-                RUN + "test_set_id": test_set_id, RUN + "compared_to": champion["version"] if champion else "",
+                RUN + "test_set_id": test_set_id, RUN + "compared_to": compared,
                 **{RUN + k: v for k, v in d.deltas.items()}}
     for k, v in run_tags.items():
         client.set_tag(run_id, k, _fmt(v))
@@ -372,12 +452,18 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
         if not len(idx):
             raise InputError(cfg.data.prepared_path, "the test split is empty")
         log_model, test_name = serving.log_psamf_model, "test split"
-    tsid = test_set_id(cfg.data.corpus, ds.segments["segment_id"].iloc[idx], ds.av_simulated)
+    tsid = dataset_test_set_id(ds, idx)
+    from psamf.fingerprint import file_sha256
+
+    model_file = Path(model_dir) / "model.pt" if which == "mult" else serving.psamf_model_path(cfg, model_dir)
+    source_key = file_sha256(model_file) if model_file.is_file() else None
     client = client_for(cfg)
-    if run_id:
-        done = [v for v in versions_of_run(client, name, run_id) if (v.tags or {}).get(GATE + "verdict")]
-        if done:
-            return _result(name, done[0], _aliases(client, name), duplicate=True)
+    # A retried task (or a rerun) registers the same file: return its version, create none.
+    done = [v for v in (versions_of_run(client, name, run_id) if run_id else [])
+            + (versions_with_source(client, name, source_key) if source_key else [])
+            if (v.tags or {}).get(GATE + "verdict")]
+    if done:
+        return _result(name, done[0], _aliases(client, name), duplicate=True)
 
     tags = {"registry_model": name, "test_set_id": tsid, "test_set": test_name, "av_simulated": ds.av_simulated}
     if user is not None:
@@ -397,7 +483,7 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
         metrics = serving.evaluate(info.model_uri, serving.dataset_frame(ds, idx),
                                    ds.segments["label"].to_numpy()[idx])
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-        result = register(cfg, run.info.run_id, info.model_uri, metrics, tsid, name)
+        result = register(cfg, run.info.run_id, info.model_uri, metrics, tsid, name, source_key)
     result["model_uri"] = info.model_uri
     result["metrics"] = metrics
     return result

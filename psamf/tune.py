@@ -93,6 +93,7 @@ from psamf import tracking
 from psamf.config import Config, load_config
 from psamf.errors import InputError
 from psamf.io import write_json, write_text
+from psamf.locks import NamedLock, dialect, sqlite_file
 from psamf.metrics import NonFiniteError
 from psamf.redact import redact
 from psamf.resources import cpu_count
@@ -117,33 +118,12 @@ def storage_url(cfg: Config) -> str:
     return os.environ.get(STORAGE_ENV) or cfg.tune.storage
 
 
-def _dialect(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).get_backend_name()
-    except Exception:
-        raise InputError("tune.storage", f"not a SQLAlchemy URL: {redact(url)!r}") from None
-
-
-def _sqlite_file(url: str) -> Path | None:
-    """The database file of a sqlite URL (None for other dialects and in-memory databases)."""
-    from sqlalchemy.engine import make_url
-
-    if _dialect(url) != "sqlite":
-        return None
-    db = make_url(url).database
-    if not db or db == ":memory:" or db.startswith("file:"):
-        return None
-    return Path(db)
-
-
 def _prepare_sqlite(url: str) -> None:
     """Create the file's directory and switch it to WAL (persistent in the file): readers never
     block the writer, which is what several local workers need."""
     import sqlite3
 
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,11 +140,11 @@ def make_storage(cfg: Config, *, create_tables: bool = True):
 
     tc = cfg.tune
     url = storage_url(cfg)
-    dialect = _dialect(url)
+    backend = dialect(url)
     engine_kwargs: dict[str, Any] = {}
-    if dialect == "sqlite":
+    if backend == "sqlite":
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-    elif dialect in ("postgresql", "mysql"):
+    elif backend in ("postgresql", "mysql"):
         engine_kwargs["pool_pre_ping"] = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -436,76 +416,6 @@ class Objective:
 
 # ---------------------------------------------------------------------------- one worker
 
-class _SlotLock:
-    """A storage-wide mutex around 'count the trials, then ask for one'.
-
-    PostgreSQL: a session-level pg_advisory_lock on a dedicated connection (released by the
-    server if the worker dies). sqlite: flock on a file in the temp dir named after the database
-    (released by the kernel).
-    Anything else: no lock (logged once)."""
-
-    def __init__(self, url: str, study_name: str):
-        self.kind, self.held = "none", False
-        self._conn = self._fh = None
-        self._key = zlib.crc32(f"psamf-tune:{study_name}".encode())
-        dialect = _dialect(url)
-        if dialect == "postgresql":
-            import sqlalchemy
-
-            self.kind = "postgresql"
-            self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        elif _sqlite_file(url) is not None:
-            import tempfile
-
-            # In the temp dir, keyed by the database's absolute path: nothing to clean up next to it.
-            self.kind = "sqlite"
-            db = str(_sqlite_file(url).resolve())
-            self._path = Path(tempfile.gettempdir()) / f"psamf-tune-{zlib.crc32(db.encode()):08x}-{self._key:08x}.lock"
-        else:
-            log.warning("tune: no cross-worker lock for %s storage; the study may finish up to "
-                        "workers-1 trials more than tune.n_trials", dialect)
-
-    def acquire(self) -> None:
-        if self.held:
-            return
-        if self.kind == "postgresql":
-            import sqlalchemy
-
-            if self._conn is None:
-                self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-        elif self.kind == "sqlite":
-            import fcntl
-
-            if self._fh is None:
-                self._fh = open(self._path, "a+")
-            fcntl.flock(self._fh, fcntl.LOCK_EX)
-        self.held = True
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        if self.kind == "postgresql":
-            import sqlalchemy
-
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
-        elif self.kind == "sqlite":
-            import fcntl
-
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.release()
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._engine.dispose()
-        if self._fh is not None:
-            self._fh.close()
-
-
 def _counts(study) -> dict[str, int]:
     from optuna.trial import TrialState
 
@@ -560,7 +470,10 @@ def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=No
     depth = encoder_depth(cfg.psamf.encoder)
     heartbeat = cfg.tune.heartbeat_interval
     poll_s = min(float(heartbeat), MAX_WAIT_POLL_S) if heartbeat else 0.0
-    lock = _SlotLock(storage_url(cfg), cfg.tune.study_name)
+    lock = NamedLock(storage_url(cfg), f"psamf-tune:{cfg.tune.study_name}")
+    if lock.kind == "none":
+        log.warning("tune: no cross-worker lock for this storage; the study may finish up to "
+                    "workers-1 trials more than tune.n_trials")
     objective = Objective(cfg, depth, on_start=lock.release)
     stop = MaxTrialsCallback(n, states=(TrialState.COMPLETE, TrialState.PRUNED))
     ran = 0
@@ -677,7 +590,7 @@ def tune(cfg: Config, workers: int | None = None, *, join: bool = False,
         raise InputError("--workers", f"must be >= 1, got {workers}")
     _preflight(cfg)
     url = storage_url(cfg)
-    if workers > 1 and _dialect(url) == "sqlite" and _sqlite_file(url) is None:
+    if workers > 1 and dialect(url) == "sqlite" and sqlite_file(url) is None:
         raise InputError("tune.storage", "an in-memory sqlite study cannot be shared by worker processes")
     t0 = time.perf_counter()
     out = report_dir(cfg)

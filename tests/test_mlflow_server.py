@@ -8,6 +8,7 @@ Slow-marked, but part of the normal suite; every server is stopped by pid even o
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -50,7 +51,7 @@ def stack(monkeypatch):
         timings["mlflow_server"] = time.perf_counter() - t
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         try:
-            yield {"url": url, "secret": secret, "key_id": key_id, "s3": endpoint, "timings": timings}
+            yield {"url": url, "secret": secret, "key_id": key_id, "s3": endpoint, "timings": timings, "pg": pg}
         finally:
             mlflow.set_tracking_uri(before)  # mlflow keeps a process-global URI; give the next test its own
 
@@ -150,3 +151,61 @@ def test_server_stack_register_promote_serve(stack, tmp_path):
     timings = {**stack["timings"], "train_register": t_register, "serve_start": t_serve_start,
                "total_in_test": time.perf_counter() - t0}
     print("timings:", {k: round(v, 1) for k, v in timings.items()})
+
+
+RACE = """
+import json, os, sys, time
+import mlflow
+import psamf.registry as registry
+from psamf.config import load_config
+
+mae, delay, barrier, me, name, exp = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+decide = registry.decide
+def slow_decide(*args, **kwargs):  # widen the window between reading @champion and moving it
+    d = decide(*args, **kwargs)
+    time.sleep(delay)
+    return d
+registry.decide = slow_decide
+run = mlflow.MlflowClient().create_run(exp).info.run_id
+open(os.path.join(barrier, me), "w").close()
+while len(os.listdir(barrier)) < 2:
+    time.sleep(0.01)
+r = registry.register(load_config(None, "smoke"), run, f"runs:/{run}/model", {"mae": mae, "non0_acc2": 0.8},
+                      "synthetic:1:x:av_simulated=false", name)
+print(json.dumps({"version": r["version"], "verdict": r["verdict"]}))
+"""
+
+
+def test_two_concurrent_registrations_never_leave_the_worse_model_champion(stack, tmp_path):
+    """Two processes register at once against the real server (PostgreSQL + S3). Both would read
+    the same old champion; the worse one holds its decision longer, so without the gate's lock it
+    would move @champion last. The lock (a PostgreSQL advisory lock, PSAMF_REGISTRY_LOCK_URL)
+    makes the second decide against the first's result."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from psamf.config import load_config
+    from psamf.registry import register
+
+    name = "race-model"
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("race")
+    run = client.create_run(exp).info.run_id
+    first = register(load_config(None, "smoke"), run, f"runs:/{run}/model", {"mae": 0.90, "non0_acc2": 0.8},
+                     "synthetic:1:x:av_simulated=false", name)
+    assert first["verdict"] == "first"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "PSAMF_REGISTRY_LOCK_URL": stack["pg"]}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(mae), str(delay), str(barrier), who, name, exp],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for mae, delay, who in ((0.70, 0.0, "better"), (0.80, 2.0, "worse"))]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    better, worse = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == better["version"], (better, worse)
+    assert float(champion.tags["gate.mae"]) == 0.70
+    assert len(client.search_model_versions(f"name = '{name}'")) == 3

@@ -100,7 +100,9 @@ def test_each_task_mounts_only_the_secrets_it_uses(compiled):
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for t in ("tune-study", "tune-worker", "tune-report"):
         assert "psamf-optuna" in _secrets(k8s, t), t
-    assert not any("psamf-optuna" in _secrets(k8s, t) for t in STAGES if not t.startswith("tune-"))
+    assert not any("psamf-optuna" in _secrets(k8s, t) for t in STAGES if not t.startswith("tune-") and t != "register")
+    lock = [s for s in k8s["exec-register"]["secretAsEnv"] if s["secretName"] == "psamf-optuna"]
+    assert lock[0]["keyToEnv"] == [{"envVar": "PSAMF_REGISTRY_LOCK_URL", "secretKey": "PSAMF_OPTUNA_STORAGE"}]
     assert _secrets(k8s, "fetch-data") == {"psamf-s3"}  # the data remote; it tracks nothing
     for t in ("pretrain", "train", "personality", "tune-worker"):  # durable checkpoints in S3
         assert "psamf-s3" in _secrets(k8s, t), t

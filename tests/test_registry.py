@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -207,3 +208,87 @@ def test_compare_and_promote_cli(store):
     assert _aliases(client, cfg.registry.mult_model) == {"champion": "2"}
     bad = runner.invoke(app, ["promote", "--model", "mult", "--version", "9", "--reason", "x"])
     assert bad.exit_code == 2 and "no version" in bad.output
+
+
+@pytest.mark.parametrize("step", ["decision", "before-alias", "after-alias", "verdict"])
+def test_a_crash_at_each_step_is_recovered_by_a_rerun(store, step, monkeypatch):
+    """Crash while writing the decision, before or after moving the alias, or while marking it done:
+    the rerun ends with the right champion, the verdict recorded, and no second version."""
+    from psamf.registry import register
+
+    cfg, client, exp = store
+    name = f"crash-{step}"
+
+    def reg(run_id, mae):
+        return register(cfg, run_id, f"runs:/{run_id}/model", {"mae": mae, "non0_acc2": 0.8}, SET_A, name)
+
+    first = _run(client, exp)
+    reg(first, 0.90)
+    better = _run(client, exp)
+    import mlflow
+
+    real_tag, real_alias = mlflow.MlflowClient.set_model_version_tag, mlflow.MlflowClient.set_registered_model_alias
+
+    class Crash(Exception):
+        pass
+
+    def tag(self, n, version, key, value):
+        if n == name and ((step == "decision" and key == "gate.decision") or (step == "verdict" and key == "gate.verdict")):
+            raise Crash(key)
+        return real_tag(self, n, version, key, value)
+
+    def alias(self, n, a, version):
+        if n == name and step == "before-alias":
+            raise Crash("before the alias")
+        real_alias(self, n, a, version)
+        if n == name and step == "after-alias":
+            raise Crash("after the alias")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", tag)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", alias)
+    with pytest.raises(Crash):
+        reg(better, 0.80)
+    monkeypatch.undo()
+    v2 = client.get_model_version(name, "2")
+    assert "gate.verdict" not in v2.tags  # the crash left it unfinished
+    again = reg(better, 0.80)
+    assert again["version"] == "2" and again["verdict"] == "promoted" and again["previous_champion"] == "1"
+    assert _aliases(client, name) == {"champion": "2"}
+    assert client.get_model_version(name, "2").tags["gate.verdict"] == "promoted"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_a_retried_registration_of_the_same_file_creates_no_version(store):
+    """A KFP retry of `register` runs in a new MLflow run: the version is keyed on the file."""
+    from psamf.registry import register
+
+    cfg, client, exp = store
+    name = "retried"
+    a = register(cfg, _run(client, exp), "runs:/x/model", {"mae": 0.9, "non0_acc2": 0.8}, SET_A, name, "sha-1")
+    b = register(cfg, _run(client, exp), "runs:/y/model", {"mae": 0.9, "non0_acc2": 0.8}, SET_A, name, "sha-1")
+    assert b["duplicate"] and b["version"] == a["version"] == "1"
+    c = register(cfg, _run(client, exp), "runs:/z/model", {"mae": 0.9, "non0_acc2": 0.8}, SET_A, name, "sha-2")
+    assert c["version"] == "2" and len(client.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_test_set_id_changes_with_what_the_segments_hold(smoke_cfg):
+    from psamf.data.ingest import ingest
+    from psamf.data.prepared import load_prepared
+    from psamf.data.synth import write_synthetic_corpus
+    from psamf.registry import dataset_test_set_id
+
+    write_synthetic_corpus(smoke_cfg)
+    ingest(smoke_cfg)
+    ds = load_prepared(smoke_cfg.data.prepared_path)
+    idx = np.flatnonzero(ds.segments["split"].to_numpy() == "test")
+    base = dataset_test_set_id(ds, idx)
+    assert base == dataset_test_set_id(ds, idx[::-1])  # order-free
+    ds.segments.loc[idx[0], "label"] += 0.5
+    assert dataset_test_set_id(ds, idx) != base  # same ids, other labels
+    ds.segments.loc[idx[0], "label"] -= 0.5
+    assert dataset_test_set_id(ds, idx) == base
+    ds.arrays["audio"][idx[0], 0, 0] += 1.0
+    assert dataset_test_set_id(ds, idx) != base  # same ids and labels, other features
+    ds.arrays["audio"][idx[0], 0, 0] -= 1.0
+    ds.manifest["seq_len"] = 99
+    assert dataset_test_set_id(ds, idx) != base

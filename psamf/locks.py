@@ -1,0 +1,107 @@
+"""A named mutex across processes and machines, on whatever database they already share.
+
+    PostgreSQL  a session-level pg_advisory_lock on a dedicated connection: released by the
+                server when the holder dies, so a crashed worker never leaves it held
+    sqlite      flock on a file in the temp dir named after the database: released by the kernel
+    other       no lock (kind == "none"); callers say what that means for them
+
+Used around Optuna's "count the trials, then ask for one" (psamf.tune) and the registry gate's
+"read @champion, decide, move the alias" (psamf.registry).
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import zlib
+from pathlib import Path
+
+from psamf.errors import InputError
+from psamf.redact import redact
+
+
+def dialect(url: str, what: str = "tune.storage") -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).get_backend_name()
+    except Exception:
+        raise InputError(what, f"not a SQLAlchemy URL: {redact(url)!r}") from None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a sqlite URL (None for other dialects and in-memory databases)."""
+    from sqlalchemy.engine import make_url
+
+    if dialect(url) != "sqlite":
+        return None
+    db = make_url(url).database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
+
+class NamedLock:
+    """A lock called `name` in the database at `url` (any SQLAlchemy URL)."""
+
+    def __init__(self, url: str, name: str):
+        self.kind, self.held = "none", False
+        self._conn = self._fh = None
+        self._key = zlib.crc32(name.encode())
+        backend = dialect(url)
+        if backend == "postgresql":
+            import sqlalchemy
+
+            self.kind = "postgresql"
+            self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        elif sqlite_file(url) is not None:
+            # In the temp dir, keyed by the database's absolute path: nothing to clean up next to it.
+            self.kind = "sqlite"
+            db = str(sqlite_file(url).resolve())
+            self._path = Path(tempfile.gettempdir()) / f"psamf-lock-{zlib.crc32(db.encode()):08x}-{self._key:08x}.lock"
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        if self.kind == "postgresql":
+            import sqlalchemy
+
+            if self._conn is None:
+                self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+        elif self.kind == "sqlite":
+            import fcntl
+
+            if self._fh is None:
+                self._fh = open(self._path, "a+")
+            fcntl.flock(self._fh, fcntl.LOCK_EX)
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self.kind == "postgresql":
+            import sqlalchemy
+
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+        elif self.kind == "sqlite":
+            import fcntl
+
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._engine.dispose()
+        if self._fh is not None:
+            self._fh.close()
+
+    def __enter__(self) -> "NamedLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
