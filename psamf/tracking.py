@@ -111,10 +111,75 @@ def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict[s
     elif os.environ.get(PARENT_ENV):
         kwargs["parent_run_id"] = os.environ[PARENT_ENV]
     all_tags = {**base_tags(cfg, stage), **{k: _tag(v) for k, v in (tags or {}).items()}}
-    with mlflow.start_run(tags=all_tags, **kwargs) as run:
+    run = mlflow.start_run(tags=all_tags, **kwargs)
+    status = "FAILED"
+    try:
         if log_params:
             mlflow.log_params({k: ("null" if v is None else v) for k, v in cfg.flat().items()})
         yield run
+        status = "FINISHED"
+    finally:
+        _close(run, status)
+
+
+# ---- surviving a tracking outage: the work goes on, its numbers follow when MLflow is back -------
+
+# Each logging call gives up after a few seconds instead of MLflow's default of minutes of
+# backoff; what it could not send waits in _pending and goes with the next call that works.
+QUICK_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+PATIENCE_ENV = "PSAMF_TRACKING_PATIENCE_S"  # how long a finished stage waits for MLflow (default 120)
+_pending: list[tuple[str, dict[str, float], int | None, int]] = []  # (run id, metrics, step, ms)
+
+
+@contextlib.contextmanager
+def _quick_retries() -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in QUICK_RETRIES}
+    for k, v in QUICK_RETRIES.items():
+        os.environ.setdefault(k, v)  # a user's own setting wins
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def flush() -> bool:
+    """Send the metrics an outage held back, oldest first; False while MLflow is unreachable."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    while _pending:
+        run_id, values, step, ms = _pending[0]
+        try:
+            with _quick_retries():
+                mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, v, ms, step or 0) for k, v in values.items()])
+        except Exception as e:  # any transport or server error: keep it for the next try
+            log.warning("MLflow unreachable (%s); %d metric batch(es) held back, training goes on",
+                        str(e).splitlines()[0][:120], len(_pending))
+            return False
+        _pending.pop(0)
+    return True
+
+
+def _close(run, status: str) -> None:
+    """End the run; first wait (up to $PSAMF_TRACKING_PATIENCE_S) for held-back metrics to go out.
+    If MLflow stays away, the stage still ends with its outputs written; the run says RUNNING."""
+    import time
+
+    import mlflow
+
+    deadline = time.monotonic() + float(os.environ.get(PATIENCE_ENV, "120"))
+    while not flush() and time.monotonic() < deadline:
+        time.sleep(2.0)
+    try:
+        with _quick_retries():
+            mlflow.end_run(status)
+    except Exception as e:
+        lost = sum(len(m) for r, m, _, _ in _pending if r == run.info.run_id)
+        log.error("MLflow run %s could not be closed (%s); %d metric value(s) not logged",
+                  run.info.run_id, str(e).splitlines()[0][:120], lost)
 
 
 def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: dict[str, Any] | None = None) -> str:
@@ -176,10 +241,14 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
     import mlflow
 
+    import time
+
     clean = {k: float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    if clean and mlflow.active_run() is not None:
-        mlflow.log_metrics(clean, step=step)
+    run = mlflow.active_run()
+    if clean and run is not None:
+        _pending.append((run.info.run_id, clean, step, int(time.time() * 1000)))
+        flush()
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
@@ -188,7 +257,11 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 
     if mlflow.active_run() is not None and Path(path).exists():
-        mlflow.log_artifact(str(path), artifact_path)
+        try:
+            with _quick_retries():
+                mlflow.log_artifact(str(path), artifact_path)
+        except Exception as e:  # the file is on disk; an outage must not fail a finished stage
+            log.warning("MLflow: could not log %s (%s)", path, str(e).splitlines()[0][:120])
 
 
 def set_tags(tags: dict[str, Any]) -> None:
@@ -197,7 +270,11 @@ def set_tags(tags: dict[str, Any]) -> None:
     import mlflow
 
     if mlflow.active_run() is not None:
-        mlflow.set_tags({k: _tag(v) for k, v in tags.items()})
+        try:
+            with _quick_retries():
+                mlflow.set_tags({k: _tag(v) for k, v in tags.items()})
+        except Exception as e:
+            log.warning("MLflow: could not set tags %s (%s)", sorted(tags), str(e).splitlines()[0][:120])
 
 
 def epoch_logger(prefix: str = ""):

@@ -184,8 +184,6 @@ def fit(
                     store.push(ckpt / "best.pt")
         else:
             bad_epochs += 1
-        if on_epoch:
-            on_epoch(epoch, metrics)
         stopped = bad_epochs >= patience or bool(should_stop and should_stop(epoch, metrics))
         if ckpt:
             _save(ckpt / "last.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -195,6 +193,8 @@ def fit(
                                      "history": history, "stopped": stopped, "fingerprint": fingerprint})
             if store is not None:
                 store.push(ckpt / "last.pt")
+        if on_epoch:  # after the checkpoint: a tracking outage never costs an epoch
+            on_epoch(epoch, metrics)
     model.load_state_dict(best_state)
     return FitResult(best_epoch=best_epoch, best_score=best, history=history, stopped_early=stopped,
                      resumed_from=resumed_from)
