@@ -23,6 +23,16 @@ def isolated_tracking(tmp_path_factory):
     yield root
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ(isolated_tracking):
+    """Stage entry points set process env (the parent run, the data version) as a task process
+    would; in this one pytest process, undo it after every test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real-data dir; tests that need it skip with the reason when it is absent."""

@@ -190,7 +190,7 @@ def test_two_concurrent_registrations_never_leave_the_worse_model_champion(stack
     from psamf.registry import register
 
     name = "race-model"
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(stack["url"])  # not the process-global URI an earlier test may have set
     exp = client.create_experiment("race")
     run = client.create_run(exp).info.run_id
     first = register(load_config(None, "smoke"), run, f"runs:/{run}/model", {"mae": 0.90, "non0_acc2": 0.8},

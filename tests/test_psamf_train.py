@@ -163,7 +163,7 @@ def test_every_ablation_trains_and_reports_every_convention(env, ablation):
 
 
 def test_resume_continues_exactly_where_an_interrupted_run_stopped(env, tmp_path, monkeypatch):
-    """With an LR schedule (linear decay over the run, after warmup): killed at the end of epoch 1,
+    """With an LR schedule (linear decay over the run, after warmup): killed while epoch 0 is logged,
     the rerun restores model, optimizer, scheduler and RNG from epoch 0's checkpoint and ends
     exactly as an uninterrupted run."""
     from psamf import psamf_train
@@ -173,9 +173,9 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(env, tmp_path
     extra = ["train.epochs=3", "train.patience=10", "train.lr_schedule=linear", "train.warmup_ratio=0.2"]
     ref = train_psamf(cfg_for(root, *extra), out_dir=tmp_path / "ref")
 
-    def dies_at_epoch_1():
+    def dies_at_epoch_1():  # on_epoch (tracking) runs after the epoch's checkpoint is written
         def on_epoch(epoch, metrics):
-            if epoch == 1:
+            if epoch == 0:
                 raise RuntimeError("killed")
         return on_epoch
 
