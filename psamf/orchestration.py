@@ -58,14 +58,16 @@ def dataset_overrides(dataset: str | Path) -> list[str]:
     return [f"data.prepared_dir={d / 'prepared'}", f"text_features.cache_dir={d / 'cache'}"]
 
 
-def set_task_threads() -> None:
-    """Torch threads: the LOO loop's share when kfp.local runs iterations side by side
-    ($PSAMF_LOOP_THREADS, set by run_local), else the pod's cgroup CPU limit."""
+def set_task_threads(in_loo_loop: bool = False) -> None:
+    """Torch threads: inside the LOO loop, its share when kfp.local runs iterations side by side
+    ($PSAMF_LOOP_THREADS, set by run_local); else the pod's cgroup CPU limit (unless
+    OMP_NUM_THREADS says otherwise)."""
     import torch
 
     from psamf.resources import cpu_count
 
-    n = os.environ.get(LOOP_THREADS_ENV) or (None if os.environ.get("OMP_NUM_THREADS") else str(cpu_count()))
+    n = os.environ.get(LOOP_THREADS_ENV) if in_loo_loop else None
+    n = n or (None if os.environ.get("OMP_NUM_THREADS") else str(cpu_count()))
     if n:
         torch.set_num_threads(max(1, int(n)))
 
@@ -194,7 +196,7 @@ def pretrain_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
                    rank: int, model: str) -> dict[str, Any] | None:
     from psamf.personalized import pretrain, user_at_rank
 
-    set_task_threads()
+    set_task_threads(in_loo_loop=True)
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
                        extra=[f"pretrain.out_dir={model}"])
     user = user_at_rank(cfg, rank)
@@ -210,7 +212,7 @@ def finetune_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
     from psamf.io import write_json
     from psamf.personalized import finetune, user_at_rank
 
-    set_task_threads()
+    set_task_threads(in_loo_loop=True)
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
                        extra=[f"pretrain.out_dir={pretrained}"])
     user = user_at_rank(cfg, rank)
