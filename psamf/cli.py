@@ -39,6 +39,23 @@ def config_from(params: Path | None, profile: str | None, sets: list[str] | None
     return cfg
 
 
+@app.callback()
+def _options(ctx: typer.Context, log_level: Annotated[str, typer.Option(
+        "--log-level", envvar="PSAMF_LOG_LEVEL", help="DEBUG | INFO | WARNING | ERROR")] = "WARNING") -> None:
+    """Personalized multimodal sentiment analysis pipeline."""
+    from psamf.errors import InputError
+    from psamf.logs import configure
+
+    try:
+        configure(log_level)
+    except InputError as e:
+        typer.echo(f"psamf: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    ctx.with_resource(logging_redirect_tqdm())  # log lines do not tear a progress bar apart
+
+
 def one_line_errors(fn: Callable) -> Callable:
     """Turn InputError into the one-line message + exit 2 contract."""
 
@@ -193,6 +210,7 @@ def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
 @one_line_errors
 def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
          root: Annotated[Path, typer.Option(help="kfp.local pipeline_root (task outputs)")] = Path("reports/kfp"),
+         verbose: Annotated[bool, typer.Option("--verbose", help="show kfp.local's full output, not a line per task")] = False,
          ) -> None:
     """The main job: the whole pipeline (the KFP DAG, run locally) on the embedded default.
 
@@ -203,7 +221,7 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
     from psamf.tracking import tracking_uri
 
     cfg = config_from(params, profile, set_)
-    result = run_local(cfg.profile, list(set_ or []), root, params=params)
+    result = run_local(cfg.profile, list(set_ or []), root, params=params, verbose=verbose)
     listing = list_versions(cfg, registered_name(cfg, "psamf"))
     champ = next((v for v in listing["versions"] if v["champion"]), None)
     typer.echo(f"pipeline finished in {result['wall_s']} s; task outputs under {result['pipeline_root']}")

@@ -22,12 +22,13 @@ def register(app: typer.Typer) -> None:
             root: Annotated[Path, typer.Option(help="kfp.local pipeline_root (task outputs)")] = Path("reports/kfp"),
             skip_unchanged: Annotated[bool, typer.Option(
                 "--skip-unchanged", help="skip when a completed run has the same code, data and params")] = False,
+            verbose: Annotated[bool, typer.Option("--verbose", help="show kfp.local's full output")] = False,
             ) -> None:
         """Run the whole DAG locally with kfp.local's SubprocessRunner (no cluster, no Docker)."""
         from psamf.pipeline import run_local
 
         echo_json(run_local(profile, list(set_ or []), root, force=not skip_unchanged, params=params,
-                            data_source=source))
+                            data_source=source, verbose=verbose))
 
     @pipe.command("compile")
     @one_line_errors

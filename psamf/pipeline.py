@@ -15,6 +15,8 @@ This is the only library module that imports pipelines/.
 """
 from __future__ import annotations
 
+import io
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,12 +70,45 @@ def compile_pipeline(path: str | Path) -> Path:
     return path
 
 
+class TaskLines(io.TextIOBase):
+    """kfp.local's stdout, tamed: everything goes to a log file; the terminal gets one line as
+    each task starts and ends (kfp.local otherwise prints every task's executor JSON and output)."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    EVENT = re.compile(r"(Executing task|Task) '([^']+)'(?: finished with status (\w+))?")
+
+    def __init__(self, log: io.TextIOBase, term):
+        self.log, self.term, self._buf, self._started, self.done = log, term, "", {}, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.log.write(s)
+        self._buf += s
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            m = self.EVENT.search(self.ANSI.sub("", line))
+            if m and m.group(1) == "Executing task":
+                self._started[m.group(2)] = time.perf_counter()
+            elif m and m.group(3):
+                took = time.perf_counter() - self._started.pop(m.group(2), time.perf_counter())
+                self.done += 1
+                self.term.write(f"[{self.done:>2}] {m.group(2):<14} {m.group(3).lower():<8} {took:6.1f} s\n")
+                self.term.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
 def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str | Path = "reports/kfp",
               force: bool = True, params: str | Path | None = None, data_source: str = "synthetic",
-              run_name: str = "kfp-local") -> dict[str, Any]:
+              run_name: str = "kfp-local", verbose: bool = True) -> dict[str, Any]:
     """Run the whole DAG locally; returns the wall time and the task outputs' root.
 
-    force=False skips the run when a completed pipeline run has the same fingerprint."""
+    force=False skips the run when a completed pipeline run has the same fingerprint.
+    verbose=False prints a line per task and keeps kfp.local's full output in <root>/pipeline.log."""
     import os
 
     from kfp import local
@@ -99,7 +134,24 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
     os.environ.setdefault(LOOP_THREADS_ENV, str(max(1, cpu_count() // LOCAL_LOOP_WORKERS)))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     t0 = time.perf_counter()
-    _pipeline()(**args)
+    if verbose:
+        _pipeline()(**args)
+    else:
+        import contextlib
+        import sys
+        import warnings
+
+        # kfp.local warns per task that resource settings do nothing locally: true, and known.
+        warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
+        log_path = root / "pipeline.log"
+        with open(log_path, "w") as log, contextlib.redirect_stdout(TaskLines(log, sys.stderr)):
+            try:
+                _pipeline()(**args)
+            except BaseException:
+                log.flush()
+                tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
+                sys.stderr.write(TaskLines.ANSI.sub("", tail) + f"\n(full output: {log_path})\n")
+                raise
     return {"pipeline_root": str(root), "wall_s": round(time.perf_counter() - t0, 1)}
 
 

@@ -835,7 +835,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--profile", default=None)
     w.add_argument("--worker", type=int, default=0, help="worker index (offsets the sampler seed)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from psamf.logs import configure
+
+    configure("INFO")
     try:
         cfg = load_config(args.config, args.profile)
         result = run_worker(cfg, args.worker, parallel=True)

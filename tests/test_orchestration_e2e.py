@@ -42,8 +42,13 @@ def _runs(tmp: Path):
 
 def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     env = {**_env(tmp_path), "PSAMF_PARAMS": str(REPO / "params.yaml")}
-    _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
-         tmp_path, env)
+    first = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
+                 tmp_path, env)
+    # A line per task on the terminal, kfp.local's full output in a log beside the task outputs.
+    done = [ln for ln in first.stderr.splitlines() if ln.startswith("[") and ln.rstrip().endswith(" s")]
+    assert len(done) >= 13 and all("success" in ln for ln in done), first.stderr[-3000:]
+    assert "executor_input" not in first.stdout + first.stderr
+    assert "Executing task" in (tmp_path / "kfp" / "pipeline.log").read_text()
 
     client, runs = _runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]

@@ -187,3 +187,21 @@ def test_dvc_stages_mirror_the_pipeline():
     names = {line.split()[0] for line in out.splitlines() if line.strip()}
     for stage in ("ingest", "validate", "pretrain@0", "pretrain@9", "finetune@0", "loo_report"):
         assert stage in names, stage
+
+
+def test_kfp_local_output_is_one_line_per_task_with_the_rest_in_a_log():
+    import io
+
+    from psamf.pipeline import TaskLines
+
+    log, term = io.StringIO(), io.StringIO()
+    out = TaskLines(log, term)
+    out.write("06:00:01.1 - INFO - Executing task \x1b[96m'ingest'\x1b[0m\n    {\"executor_input\": {}}\n")
+    out.write("    ingest:  50%|#####     | 4/8 [00:01<00:01]\r\n06:00:02.2 - INFO - Task \x1b[96m'ingest'\x1b[0m ")
+    out.write("finished with status \x1b[92mSUCCESS\x1b[0m\n")
+    out.write("06:00:03 - ERROR - Task 'validate' finished with status FAILURE\n")
+    lines = term.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].split()[:3] == ["[", "1]", "ingest"] and "success" in lines[0] and lines[0].endswith(" s")
+    assert "validate" in lines[1] and "failure" in lines[1]
+    assert "executor_input" in log.getvalue() and "executor_input" not in term.getvalue()

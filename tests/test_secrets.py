@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from psamf.errors import InputError
 from servers import postgres_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +118,17 @@ def test_tune_and_train_through_the_pipeline_code_leak_no_credential(tmp_path, m
     out, err = capfd.readouterr()
     logs = caplog.text
     assert not any(n in out or n in err or n in logs for n in needles)
+
+
+def test_log_records_are_masked_by_the_cli_logging(caplog, monkeypatch):
+    from psamf.logs import RedactFilter, configure
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret-in-env-0001")
+    configure("INFO")
+    assert any(isinstance(f, RedactFilter) for h in logging.getLogger().handlers for f in h.filters)
+    logging.getLogger("psamf.test").info("storage %s with key %s", "postgresql://u:pw-123456@h/db",
+                                         "s3-secret-in-env-0001")
+    assert "pw-123456" not in caplog.text and "s3-secret-in-env-0001" not in caplog.text
+    assert "postgresql://u:***@h/db" in caplog.text
+    with pytest.raises(InputError, match="--log-level"):
+        configure("LOUD")
