@@ -5,17 +5,23 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= demo
+# A wheel set (`make wheels`) makes later set-ups install from local files; used when present.
+WHEELS ?= $(HOME)/.cache/psamf/wheels
+FIND_LINKS := $(if $(wildcard $(WHEELS)/*.whl),--find-links $(WHEELS),)
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean wheels
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q $(FIND_LINKS) torch==2.13.0
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -c constraints.txt -e '.[dev]'
 	touch $@
+
+wheels: venv
+	$(BIN)/python -m pip wheel -q -c constraints.txt -w $(WHEELS) torch==2.13.0 '.[dev]'
 
 demo: venv
 	$(BIN)/psamf demo --profile $(PROFILE)
