@@ -39,9 +39,11 @@ def params_file(params_yaml: str) -> Path | None:
     """The pipeline's params text as a file the config loader reads (content-addressed)."""
     if not params_yaml:
         return None
-    path = Path(tempfile.gettempdir()) / f"psamf-params-{hashlib.sha256(params_yaml.encode()).hexdigest()[:16]}.yaml"
-    if not path.is_file():
-        from psamf.io import write_text
+    from psamf.io import write_text
+
+    digest = hashlib.sha256(params_yaml.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"psamf-params-{os.getuid()}-{digest}.yaml"
+    if not path.is_file() or path.read_text(errors="replace") != params_yaml:  # never trust a file we did not write
         write_text(path, params_yaml)
     return path
 

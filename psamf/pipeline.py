@@ -78,7 +78,8 @@ class TaskLines(io.TextIOBase):
     EVENT = re.compile(r"(Executing task|Task) '([^']+)'(?: finished with status (\w+))?")
 
     def __init__(self, log: io.TextIOBase, term):
-        self.log, self.term, self._buf, self._started, self.done = log, term, "", {}, 0
+        self.log, self.term, self._buf, self.done = log, term, "", 0
+        self._started: dict[str, list[float]] = {}  # a ParallelFor runs same-named tasks side by side
 
     def writable(self) -> bool:
         return True
@@ -90,9 +91,10 @@ class TaskLines(io.TextIOBase):
         for line in lines:
             m = self.EVENT.search(self.ANSI.sub("", line))
             if m and m.group(1) == "Executing task":
-                self._started[m.group(2)] = time.perf_counter()
+                self._started.setdefault(m.group(2), []).append(time.perf_counter())
             elif m and m.group(3):
-                took = time.perf_counter() - self._started.pop(m.group(2), time.perf_counter())
+                starts = self._started.get(m.group(2)) or [time.perf_counter()]
+                took = time.perf_counter() - starts.pop(0)
                 self.done += 1
                 self.term.write(f"[{self.done:>2}] {m.group(2):<14} {m.group(3).lower():<8} {took:6.1f} s\n")
                 self.term.flush()
@@ -141,8 +143,10 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
         import sys
         import warnings
 
-        # kfp.local warns per task that resource settings do nothing locally: true, and known.
+        # kfp.local warns per task that resource settings do nothing locally and that the component
+        # image is not used: both true, and known (this venv is the image's environment).
         warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
+        warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
         log_path = root / "pipeline.log"
         with open(log_path, "w") as log, contextlib.redirect_stdout(TaskLines(log, sys.stderr)):
             try:

@@ -191,6 +191,7 @@ def test_dvc_stages_mirror_the_pipeline():
 
 def test_kfp_local_output_is_one_line_per_task_with_the_rest_in_a_log():
     import io
+    import time
 
     from psamf.pipeline import TaskLines
 
@@ -200,8 +201,13 @@ def test_kfp_local_output_is_one_line_per_task_with_the_rest_in_a_log():
     out.write("    ingest:  50%|#####     | 4/8 [00:01<00:01]\r\n06:00:02.2 - INFO - Task \x1b[96m'ingest'\x1b[0m ")
     out.write("finished with status \x1b[92mSUCCESS\x1b[0m\n")
     out.write("06:00:03 - ERROR - Task 'validate' finished with status FAILURE\n")
+    for _ in range(2):  # two iterations of a ParallelFor: same name, side by side
+        out.write("06:00:04 - INFO - Executing task 'pretrain'\n")
+    time.sleep(0.05)
+    out.write("06:00:05 - INFO - Task 'pretrain' finished with status SUCCESS\n" * 2)
     lines = term.getvalue().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 4 and all(float(ln.split()[-2]) >= 0.05 for ln in lines[2:])
+    lines = lines[:2]
     assert lines[0].split()[:3] == ["[", "1]", "ingest"] and "success" in lines[0] and lines[0].endswith(" s")
     assert "validate" in lines[1] and "failure" in lines[1]
     assert "executor_input" in log.getvalue() and "executor_input" not in term.getvalue()
