@@ -167,9 +167,20 @@ class PsamfConfig:
     symmetric_cl: bool = False
     sim_weight: str = "affine"
     prefusion_text: str = "tokens"
-    av_gate: bool = True
-    prefusion_residual: bool = False  # params.yaml: true. False here so a model saved before the key loads as trained
-    av_norm: str = "none"        # params.yaml: speaker. "none" here so a model saved before the key loads as trained
+    av_gate: bool = False
+    prefusion_residual: bool = True
+    av_norm: str = "speaker"
+
+
+# What a model saved before these keys existed was trained with (saved_psamf_config fills them in).
+SAVED_PSAMF_DEFAULTS = {"av_gate": True, "prefusion_residual": False, "av_norm": "none"}
+
+
+def saved_psamf_config(values: dict[str, Any] | None) -> "PsamfConfig":
+    """A saved model's PSA-MF section as a PsamfConfig: keys this version does not know are
+    ignored (a newer psamf saved it), keys the model predates get SAVED_PSAMF_DEFAULTS."""
+    names = {f.name for f in dataclasses.fields(PsamfConfig)}
+    return PsamfConfig(**{**SAVED_PSAMF_DEFAULTS, **{k: v for k, v in (values or {}).items() if k in names}})
 
 
 @dataclass

@@ -42,7 +42,7 @@ import contextlib
 import logging
 import math
 import shutil
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from psamf import tracking
 from psamf.checkpoints import store_for
-from psamf.config import Config, PsamfConfig, TrainConfig
+from psamf.config import Config, TrainConfig, saved_psamf_config
 from psamf.data.align import AV_NORMS, av_inputs
 from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.errors import InputError
@@ -290,8 +290,7 @@ def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(path, f"not a psamf model file (format {state.get('format')!r})")
     confs = state["encoder_configs"]
     if state["kind"] == "psamf":
-        known = {f.name for f in fields(PsamfConfig)}
-        pcfg = PsamfConfig(**{k: v for k, v in state["psamf_config"].items() if k in known})
+        pcfg = saved_psamf_config(state["psamf_config"])
         pers = _encoder_from_config(confs["personality"]) if confs.get("personality") else None
         model: nn.Module = PSAMF(_encoder_from_config(confs["text"]), pers, pcfg,
                                  audio_dim=state["audio_dim"], visual_dim=state["visual_dim"])

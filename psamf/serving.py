@@ -69,7 +69,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from psamf.config import Config, MultConfig, PsamfConfig, UserAdapterConfig
+from psamf.config import Config, MultConfig, PsamfConfig, UserAdapterConfig, saved_psamf_config
 from psamf.data.align import av_inputs, pool_or_pad
 from psamf.errors import InputError
 
@@ -313,7 +313,7 @@ def _psamf_parts(saved: dict[str, Any], cfg: Config) -> tuple[PsamfConfig, int]:
     if dataclasses.is_dataclass(conf):
         conf = dataclasses.asdict(conf)
     section = saved.get("psamf_config") or (conf.get("psamf", conf) if isinstance(conf, dict) else None)
-    pc = _dataclass(PsamfConfig, section) if section else cfg.psamf
+    pc = saved_psamf_config(section) if section else cfg.psamf
     if saved.get("max_len"):
         pc = dataclasses.replace(pc, max_len=int(saved["max_len"]))
     # T: the AV steps the model was trained on. model.pt may not say; the prepared data it was
@@ -372,7 +372,7 @@ class PsamfPyfunc(PythonModel):
         from psamf.models.psamf import PSAMF
 
         conf = json.loads(Path(context.artifacts["config"]).read_text())
-        pc = _dataclass(PsamfConfig, conf["psamf"])
+        pc = saved_psamf_config(conf["psamf"])
         self.T, self.max_len, self.dims = int(conf["seq_len"]), int(pc.max_len), conf["dims"]
         self.av_norm = pc.av_norm
         state = torch.load(context.artifacts["model"], map_location="cpu", weights_only=False)

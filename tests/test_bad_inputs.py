@@ -197,7 +197,7 @@ def test_unsafe_ids_are_refused_before_they_name_a_file(bad, tmp_path, corpus):
         check_id(bad, "video id", "here")
     path = tmp_path / "ids.csd"
     _csd_with(path, bad, {"data": np.zeros((1, 3), np.float32)})
-    with pytest.raises(InputError, match=rf"ids.csd: data/.*: video id .* is not a safe id"):
+    with pytest.raises(InputError, match=r"ids.csd: data/.*: video id .* is not a safe id"):
         read_csd(path)
     folds = corpus / "standard_folds.json"
     f = json.loads(folds.read_text())

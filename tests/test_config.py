@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from psamf.config import Config, load_config
 from psamf.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_profiles_merge_over_defaults():
@@ -64,3 +67,31 @@ def test_cli_prints_resolved_config_with_overrides():
                           "--set", "mult.n_heads=4"], capture_output=True, text=True, check=True).stdout
     cfg = yaml.safe_load(out)
     assert cfg["profile"] == "smoke" and cfg["mult"]["n_heads"] == 4
+
+
+def test_dataclass_defaults_equal_the_params_file_values():
+    """One source of truth: with no params.yaml (a bare pod, a library user) the config is the
+    same as params.yaml's top-level sections, value for value, not only key for key."""
+    import dataclasses
+
+    import yaml
+
+    from psamf.config import Config, flatten
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.pop("profiles"), raw.pop("profile")
+    defaults = flatten(dataclasses.asdict(Config()))
+    defaults.pop("profile")
+    assert defaults == flatten(raw)
+
+
+def test_a_saved_model_without_newer_keys_loads_as_it_was_trained():
+    from psamf.config import SAVED_PSAMF_DEFAULTS, PsamfConfig, saved_psamf_config
+
+    old = saved_psamf_config({"tau": 0.2, "split_layer": 3, "from_a_newer_psamf": 1})
+    assert old.tau == 0.2 and old.split_layer == 3
+    assert {k: getattr(old, k) for k in SAVED_PSAMF_DEFAULTS} == SAVED_PSAMF_DEFAULTS
+    assert SAVED_PSAMF_DEFAULTS != {k: getattr(PsamfConfig(), k) for k in SAVED_PSAMF_DEFAULTS}
+    import dataclasses
+
+    assert saved_psamf_config(dataclasses.asdict(PsamfConfig())) == PsamfConfig()  # a current model: as saved

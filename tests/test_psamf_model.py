@@ -25,8 +25,10 @@ def tiny_bert(seed: int = 0) -> BertModel:
 
 
 def tiny_cfg(**kw) -> PsamfConfig:
+    # The model's mechanics are tested from the paper's literal form (token-gated AV, no residual
+    # pre-fusion, AV as given); tests of the departures switch them on.
     return PsamfConfig(**{**dict(split_layer=2, tau=0.1, aux_lambda=0.5, lstm_hidden=8, attn_heads=2,
-                                 dropout=0.1), **kw})
+                                 dropout=0.1, av_gate=True, prefusion_residual=False, av_norm="none"), **kw})
 
 
 def make_model(seed: int = 0, **kw) -> PSAMF:
