@@ -18,74 +18,34 @@ unweighted, so aux_lambda = 1 gives its sum (and with sim_weight = "raw", below,
 L_ccl and L_ps too); aux_lambda = 0 trains on L1 alone (the auxiliary terms are still computed
 and logged). Ablated terms are exact zeros.
 
-Decisions the paper leaves open (all in one place so a reader can check them):
-- sim(T_s^i, T_p^i) is cosine similarity. In L_ccl = w * L_cl and L_ps = (1 - w) * |W_y T_s - y|
-  the paper's w = sim acts as a *weight*, so it is detached: otherwise minimising sim * L_cl is
-  easiest by anti-aligning the pair (sim -> -1 while L_cl grows), the opposite of alignment.
-  How sim in [-1, 1] becomes w is `sim_weight` (optional config key):
-    "affine" (default): w = (1 + sim) / 2 in [0, 1]. Same ordering as the paper, w = 1 at sim = 1,
-        and never 0 in practice, so L_cl always trains both projections. At init sims are near 0
-        (MiniLM: |sim| < 0.05), where affine gives w ~ 0.5 but the paper's w gives L_ccl ~ 0.
-    "raw": w = sim, the paper literally. A negative sim makes L_cl gradient *ascent* for that pair,
-        pushing it further apart.
-    "clamp": w = max(sim, 0). No ascent, but when every pair in a batch is anti-aligned L_ccl = 0
-        and T_p gets no gradient at all (this happened at init with the tiny test model).
-- L_cl is the paper's sentiment -> personality InfoNCE over the batch (rows T_s^i, columns T_p^j).
-  `symmetric_cl` (optional config key, default False) averages in the personality -> sentiment
-  direction, as CLIP does.
-- Pre-fusion text (`prefusion_text`, default "tokens"): the paper feeds the upper layers
-  [CLS_s, X_v, X_a]; we feed every text token after layer N, CLS_s first, [H_s, X_v, X_a], and
-  M_s is still position 0. "cls" is the paper's literal form (the `paper` profile uses it). Why:
-  MiniLM is a mean-pooled sentence encoder whose CLS after N < L layers carries little of the
-  sentence, and with CLS_s alone the model never left the constant predictor. Measured on MOSI
-  (real text, simulated AV; 320 train segments, 3 epochs, N = 3; test MAE, constant ~1.41):
-  cls 1.413, cls with a mean-pooled CLS_s 1.387, cls + gate 1.378; tokens 1.312; tokens + gate
-  1.166; no_prefusion 1.058; the text-only baseline 0.952.
-- AV gate (`av_gate`; params.yaml false now, superseded by prefusion_residual below): the
-  X_v/X_a tokens are scaled by tanh(g), a learnable g starting at 0 (as Flamingo gates its new
-  cross-attention), meant to let the pretrained upper layers start from the text alone.
-  Without any gate the 2x20 AV tokens, weakly informative by design, swamp the upper layers'
-  attention at init and the fine-tune never recovers in a short budget (tokens without the gate:
-  1.312 at head lr 1e-3, 1.358 at 3e-3; with it 1.166 / 1.169). Matching the AV tokens'
-  LayerNorm to the encoder's layer-N LayerNorm instead did not help (1.456).
-- Residual pre-fusion (`prefusion_residual`, params.yaml true, with av_gate false):
-  M_s = M_text + tanh(g) (M_fused - M_text), where M_fused is position 0 of the upper layers
-  over [H_s, X_v, X_a], M_text the same layers over the text alone (no_prefusion's M_s), and g
-  a learnable scalar starting at 0. So the model starts as its no_prefusion ablation and mixes
-  pre-fusion in as far as it helps, at the cost of a second pass through the upper layers over
-  the text. Why not the token gate: tok * tanh(g) = 0 still leaves 2 x T null tokens in every
-  attention row (their keys are the key bias, their values the value bias), so the pretrained
-  upper layers start perturbed, and on MOSI the token-gated model fell behind its own
-  no_prefusion ablation on every seed (whole train split, 3 epochs, seeds 0-2: valid MAE
-  0.916/0.860/0.909 vs 0.827/0.811/0.828; test 0.847/0.796/0.919 vs 0.846/0.751/0.812).
-  With the residual form: valid 0.838/0.857/0.802, test 0.844/0.825/0.778 (text baseline
-  0.894/0.774/0.804). The learned |tanh(g)| stayed at 0.005-0.011 on all three seeds, with room
-  to move ~0.1 at lr_head over 120 steps: on simulated AV the model chose to keep pre-fusion
-  nearly shut, and the audio-visual signal reaches the prediction through interaction instead.
-- AV normalization (`av_norm`, params.yaml "speaker"; applied to the inputs by psamf_train and
-  serving, not inside this module): the audio/visual frames are z-scored per speaker over the
-  speaker's own unlabeled frames (psamf.data.align.normalize_by_group). Why: MOSI's folds are
-  speaker-disjoint and COVAREP/FACET carry a per-speaker signature (the simulated features too:
-  a speaker mean and a bias along the cue). On raw features PSA-MF fit the training speakers:
-  train L1 like the text baseline's, valid MAE 0.06-0.19 worse (3 seeds). A ridge probe on
-  segment-mean AV shows it: train r 0.66 / test r 0.32 raw, 0.52 / 0.46 normalized. PSA-MF on
-  the whole MOSI train split (demo, 3 epochs, seeds 0-2, test MAE): raw 0.891, normalized 0.854.
+Decisions the paper leaves open (the measurements behind them: bench/DECISIONS.md, "PSA-MF: ..."):
+- sim(T_s^i, T_p^i) is cosine similarity, used as a *weight* in L_ccl = w * L_cl and
+  L_ps = (1 - w) * |W_y T_s - y|, so it is detached (else anti-aligning the pair minimises
+  sim * L_cl). `sim_weight` maps sim to w: "affine" (default) w = (1 + sim) / 2, never 0, so L_cl
+  always trains both projections; "raw" w = sim, the paper literally (a negative sim turns L_cl
+  into ascent); "clamp" w = max(sim, 0).
+- L_cl is the paper's sentiment -> personality InfoNCE (rows T_s^i, columns T_p^j);
+  `symmetric_cl` adds the other direction, as CLIP does.
+- Pre-fusion text (`prefusion_text`, default "tokens"): every text token after layer N, CLS_s first
+  ([H_s, X_v, X_a]; M_s is position 0). "cls" is the paper's literal [CLS_s, X_v, X_a] (the `paper`
+  profile): with MiniLM's CLS after N < L layers the model never left the constant predictor.
+- AV gate (`av_gate`, default off, kept for comparison): X_v/X_a tokens scaled by tanh(g), g = 0 at
+  init, as Flamingo gates new cross-attention.
+- Residual pre-fusion (`prefusion_residual`, default on): M_s = M_text + tanh(g)(M_fused - M_text),
+  g = 0 at init, M_text the upper layers over the text alone. The model starts exactly as its
+  no_prefusion ablation; a zero-gated token still puts 2T null tokens in every attention row.
+- AV normalization (`av_norm`, default "speaker"; applied to the inputs by psamf_train and serving,
+  not here): frames z-scored per speaker, because MOSI's folds are speaker-disjoint and the
+  features carry a per-speaker signature the model otherwise fits.
 - Pre-fusion input: X_v and X_a are the frame features (after av_norm), each projected to the
   encoder width with LayerNorm(Linear(x) + modality embedding), BERT's own embedding recipe, so
   the pretrained upper layers see inputs at the scale they expect. CLS_s enters unchanged. No temporal position
   is added: order is carried by the LSTM branch; pre-fusion is for semantic alignment.
 - L_clm (cross-modal contrastive) aligns what *enters* pre-fusion: z_t = g_t(CLS_s),
-  z_v = g_v(masked mean of the X_v tokens), z_a = g_a(masked mean of the X_a tokens), g_* linear,
-  L_clm = mean_i 1/2 [ InfoNCE_sym(z_t, z_v)_i + InfoNCE_sym(z_t, z_a)_i ] at temperature tau,
-  InfoNCE_sym averaging both directions (CLIP): there is no privileged side here.
-  Why not the fused outputs (M_s vs pooled fused AV positions)? After self-attention every
-  position of a sequence carries that sample's signature, so that contrast is solvable without
-  any cross-modal alignment. Measured on MiniLM, B = 8, AV redrawn as pure noise every step (so
-  there is nothing to align): the fused-output version fell from chance (ln 8 = 2.08) to 0.51 in
-  40 steps; this version stayed at 2.11.
-  Contrasting the inputs keeps the loss about the modalities and pulls the AV tokens toward the
-  text space before the shared layers mix them (the paper's "mitigating heterogeneity"). It also
-  means L_clm is the same loss under no_prefusion.
+  z_v = g_v(masked mean of X_v), z_a = g_a(masked mean of X_a), g_* linear,
+  L_clm = mean_i 1/2 [InfoNCE_sym(z_t, z_v)_i + InfoNCE_sym(z_t, z_a)_i] at temperature tau.
+  Not the fused outputs: after self-attention every position carries its sample's signature,
+  so that contrast is solvable with nothing to align. The same loss applies under no_prefusion.
 - Interaction: nn.MultiheadAttention with M_s as a length-1 query over the LSTM outputs, with
   key padding masks; no residual (the paper's V_t = Att_v(M_s, h_v, h_v)).
 - Enhanced fusion: ' is a per-stream Linear to fusion_dim. F_p = GELU(Conv1d(k=3, padding=1)) over
@@ -110,11 +70,10 @@ Batch (a mapping of tensors):
     visual_len / audio_len [B] (right padding assumed; clamped to T); neither: all steps real
     label [B] (optional; losses are computed only when present)
 
-Optional config keys read with a default when a config object lacks them:
-    align_dim (default: text hidden size), fusion_dim (default: lstm_hidden), symmetric_cl (False),
-    sim_weight ("affine"), prefusion_text ("cls"), av_gate (False), prefusion_residual (False);
-    params.yaml sets prefusion_text "tokens" and prefusion_residual true (see above). av_norm is
-    read by the data path, not here.
+Optional config keys read with a default when a config object lacks them (a PsamfConfig has
+them all, with params.yaml's values): align_dim (text hidden size), fusion_dim (lstm_hidden),
+symmetric_cl (False), sim_weight ("affine"), prefusion_text ("cls"), av_gate (False),
+prefusion_residual (False). av_norm is read by the data path, not here.
 """
 from __future__ import annotations
 
