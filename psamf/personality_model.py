@@ -62,8 +62,8 @@ from psamf.errors import InputError
 from psamf.io import atomic_dir
 from psamf.metrics import pearson_r
 from psamf.models.encoders import resolve_encoder
-from psamf.psamf_train import BatchProgress, autocast, resolve_device, to_device, tokenize, trim_padding
-from psamf.training import Batch, config_fingerprint, fit, predict, seed_everything
+from psamf.training import (Batch, BatchProgress, autocast, config_fingerprint, fit, predict, resolve_device,
+                            seed_everything, to_device, tokenize, trim_padding)
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,6 @@ computes its losses in fp32). On CPU, runs are deterministic for a seed (`train.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
@@ -49,7 +48,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from psamf import tracking
 from psamf.checkpoints import store_for
@@ -59,84 +57,15 @@ from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.errors import InputError
 from psamf.io import atomic_dir, atomic_path, write_json
 from psamf.metrics import CONVENTIONS, regression_metrics
-from psamf.training import Batch, config_fingerprint, fit, predict, seed_everything
+from psamf.training import (PERSONALITY_PREFIX, Batch, BatchProgress, autocast, config_fingerprint, fit,
+                            predict, resolve_device, seed_everything, to_device, tokenize, trim_padding)
 
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "psamf-model/1"
-TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-PERSONALITY_PREFIX = "personality_"
 
 
 # ---------------------------------------------------------------------------- shared helpers
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available else cpu; cuda without a GPU is bad input."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("train.device", "cuda requested but no CUDA device is available")
-        return torch.device("cuda")
-    raise InputError("train.device", f"unknown device {name!r} (auto | cpu | cuda)")
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when amp; a no-op context otherwise."""
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def tokenize(tokenizer, texts: list[str], max_len: int, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Right-padded ids/mask (/token types) for all texts at once, padded to the longest (<= max_len)."""
-    enc = tokenizer([str(t) for t in texts], padding="longest", truncation=True, max_length=max_len,
-                    return_tensors="pt")
-    return {f"{prefix}{k}": enc[k].long() for k in TEXT_KEYS if k in enc}
-
-
-def trim_padding(batch: Batch) -> Batch:
-    """Drop token columns that are padding in every row of the batch (for both token groups)."""
-    out = dict(batch)
-    for prefix in ("", PERSONALITY_PREFIX):
-        am = batch.get(f"{prefix}attention_mask")
-        if am is None:
-            continue
-        used = am.bool().any(0).nonzero()
-        n = int(used[-1]) + 1 if len(used) else 1
-        if n < am.shape[1]:
-            for k in TEXT_KEYS:
-                if f"{prefix}{k}" in out:
-                    out[f"{prefix}{k}"] = out[f"{prefix}{k}"][:, :n]
-    return out
-
-
-class BatchProgress:
-    """A per-epoch batch bar driven from inside a loss function (fit shows only an epoch bar)."""
-
-    def __init__(self, n: int, batch_size: int, desc: str):
-        self.total = max(1, math.ceil(n / batch_size))
-        self.desc = desc
-        self.bar = None
-
-    def step(self) -> None:
-        if self.bar is None:
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="batch", leave=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
 
 def dir_identity(name_or_path: str) -> Any:
     """The content hash of a local model dir (a retried pod downloads it anew, so mtimes would
@@ -429,10 +358,7 @@ def lr_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig, n_train: int):
     """transformers' schedule `train.lr_schedule` over the whole run (epochs x batches per epoch),
     warming up for `train.warmup_ratio` of it; None for "constant" without warmup (the old loop).
 
-    Why it is there and off by default: on MOSI most of the seed-to-seed spread in test MAE is
-    the predictions' offset (their mean), not their correlation with the labels, and a decay to
-    0 should settle that offset. At the demo's 3 epochs it cost more than it settled (valid MAE
-    0.922/0.913 vs 0.916/0.860 constant, seeds 0/1); longer runs (the paper profile) may differ.
+    Off by default: at the demo's 3 epochs a decay cost more than it settled (bench/DECISIONS.md).
     """
     from transformers import get_scheduler
 

@@ -6,14 +6,16 @@ the next epoch: weights, optimizer state, the global torch/numpy/python RNG stat
 the history and the early-stopping counters. Batch order is drawn from a generator
 seeded with (seed, epoch), so it does not depend on where a run was resumed.
 
-Optimizers: on CPU torch's Adam/AdamW default to a Python loop over the parameter tensors.
-MulT (pretrain, finetune) uses fused=True: one kernel, 6 vs 28 ms per step for MulT's 459
-tensors (the optimizer was about a quarter of a 5-shot fine-tuning step); it rounds
-differently in the last bit. PSA-MF and the personality encoder use foreach=True: bit-identical to the default (checked
-for both optimizers), so their committed benchmark numbers stand, and ~30% faster.
+Optimizers: MulT uses Adam(fused=True), one kernel instead of a Python loop over its tensors
+(it rounds differently in the last bit); PSA-MF and the personality encoder use foreach=True,
+bit-identical to the default. Timings: bench/DECISIONS.md.
+
+Also the helpers every training stage shares: device choice, bf16 autocast, tokenizing and
+trimming text batches, and a batch progress bar driven from inside a loss function.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from psamf.errors import InputError
 from psamf.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -198,6 +201,79 @@ def fit(
     model.load_state_dict(best_state)
     return FitResult(best_epoch=best_epoch, best_score=best, history=history, stopped_early=stopped,
                      resumed_from=resumed_from)
+
+
+# Token columns of a text batch; the personality encoder's copy carries this prefix.
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+PERSONALITY_PREFIX = "personality_"
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available else cpu; cuda without a GPU is bad input."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("train.device", "cuda requested but no CUDA device is available")
+        return torch.device("cuda")
+    raise InputError("train.device", f"unknown device {name!r} (auto | cpu | cuda)")
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when amp; a no-op context otherwise."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Right-padded ids/mask (/token types) for all texts at once, padded to the longest (<= max_len)."""
+    enc = tokenizer([str(t) for t in texts], padding="longest", truncation=True, max_length=max_len,
+                    return_tensors="pt")
+    return {f"{prefix}{k}": enc[k].long() for k in TEXT_KEYS if k in enc}
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """Drop token columns that are padding in every row of the batch (for both token groups)."""
+    out = dict(batch)
+    for prefix in ("", PERSONALITY_PREFIX):
+        am = batch.get(f"{prefix}attention_mask")
+        if am is None:
+            continue
+        used = am.bool().any(0).nonzero()
+        n = int(used[-1]) + 1 if len(used) else 1
+        if n < am.shape[1]:
+            for k in TEXT_KEYS:
+                if f"{prefix}{k}" in out:
+                    out[f"{prefix}{k}"] = out[f"{prefix}{k}"][:, :n]
+    return out
+
+
+class BatchProgress:
+    """A per-epoch batch bar driven from inside a loss function (fit shows only an epoch bar)."""
+
+    def __init__(self, n: int, batch_size: int, desc: str):
+        self.total = max(1, math.ceil(n / batch_size))
+        self.desc = desc
+        self.bar = None
+
+    def step(self) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="batch", leave=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @torch.no_grad()
