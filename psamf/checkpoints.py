@@ -36,10 +36,10 @@ class CheckpointStore:
 
     # S3 and a directory behave the same: get a file if present, put a file, delete the prefix.
     def _s3(self):
-        from psamf.data.source import _s3, split_s3
+        from psamf.data.source import s3_client, split_s3
 
         bucket, prefix = split_s3(self.uri)
-        return _s3(), bucket, "/".join(p for p in (prefix, self.stage, self.key) if p)
+        return s3_client(), bucket, "/".join(p for p in (prefix, self.stage, self.key) if p)
 
     def _dir(self) -> Path:
         return Path(self.uri.removeprefix("file://")) / self.stage / self.key

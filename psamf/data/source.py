@@ -74,7 +74,7 @@ def _pointer_md5(path: Path) -> str:
 
 # ---------------------------------------------------------------------------- S3
 
-def _s3():
+def s3_client():
     import boto3
 
     # boto3 reads AWS_ENDPOINT_URL itself; MLFLOW_S3_ENDPOINT_URL is the same server on our clusters.
@@ -90,7 +90,7 @@ def split_s3(url: str) -> tuple[str, str]:
 
 def _s3_objects(url: str) -> list[dict[str, Any]]:
     bucket, prefix = split_s3(url)
-    pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
     objs = [o for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
     if not objs:
         raise InputError("data_source", f"{url}: no objects under this prefix")
@@ -106,7 +106,7 @@ def _s3_download(url: str, raw: Path) -> None:
     from tqdm import tqdm
 
     bucket, prefix = split_s3(url)
-    client = _s3()
+    client = s3_client()
     for o in tqdm(_s3_objects(url), desc="fetch s3", unit="file", leave=False):
         rel = o["Key"][len(prefix):].lstrip("/") if prefix else o["Key"]
         dest = raw / rel
