@@ -43,11 +43,11 @@ def sqlite_file(url: str) -> Path | None:
 class NamedLock:
     """A lock called `name` in the database at `url` (any SQLAlchemy URL)."""
 
-    def __init__(self, url: str, name: str):
+    def __init__(self, url: str, name: str, what: str = "tune.storage"):
         self.kind, self.held = "none", False
         self._conn = self._fh = None
         self._key = zlib.crc32(name.encode())
-        backend = dialect(url)
+        backend = dialect(url, what)  # `what`: the setting a bad URL came from, for the error
         if backend == "postgresql":
             import sqlalchemy
 

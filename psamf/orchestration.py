@@ -105,19 +105,28 @@ def log_metrics(sink: MetricsSink | None, values: dict[str, Any], prefix: str = 
 
 # ---------------------------------------------------------------------------- data
 
+def run_fingerprint(profile: str, overrides: Sequence[str], params_yaml: str,
+                    data_source: str) -> tuple[Config, str, str, str]:
+    """(config, data version, fingerprint, params text) of a pipeline run: what its `fingerprint`
+    task computes, and what `psamf pipeline run --skip-unchanged` checks before it starts."""
+    from psamf.config import default_params_path
+    from psamf.data.source import source_version
+    from psamf.fingerprint import pipeline_fingerprint
+
+    cfg = stage_config(profile, overrides, params_yaml)
+    text = params_yaml or (default_params_path().read_text() if default_params_path().is_file() else "")
+    data_version = source_version(cfg, data_source)
+    return cfg, data_version, pipeline_fingerprint(cfg.profile, overrides, data_version, params_text=text), text
+
+
 def fingerprint_stage(profile: str, overrides: Sequence[str], params_yaml: str, data_source: str,
                       name: str = "kfp") -> dict[str, str]:
     """The run's data version (from the source, no download) and fingerprint; opens the parent
     run. This task is never cached: it is what notices that the data or the code changed."""
     from psamf import tracking
-    from psamf.config import default_params_path
-    from psamf.data.source import source_version
-    from psamf.fingerprint import code_version, params_hash, pipeline_fingerprint
+    from psamf.fingerprint import code_version, params_hash
 
-    cfg = stage_config(profile, overrides, params_yaml)
-    text = params_yaml or (default_params_path().read_text() if default_params_path().is_file() else "")
-    data_version = source_version(cfg, data_source)
-    fp = pipeline_fingerprint(cfg.profile, overrides, data_version, params_text=text)
+    cfg, data_version, fp, text = run_fingerprint(profile, overrides, params_yaml, data_source)
     tracking.pipeline_run(cfg, fp, name, tags={"data_version": data_version, "code_version": code_version(),
                                                 "params_hash": params_hash(cfg.profile, overrides, text)})
     return {"data_version": data_version, "fingerprint": fp, "code_version": code_version()}

@@ -46,19 +46,6 @@ def pipeline_arguments(profile: str | None, overrides: Sequence[str], params: st
             "run_name": run_name}
 
 
-def local_fingerprint(args: dict[str, Any]) -> tuple[Any, str]:
-    """(config, fingerprint) of a run with these pipeline arguments, as its `fingerprint` task computes it."""
-    from psamf.config import default_params_path, load_config
-    from psamf.data.source import source_version
-    from psamf.fingerprint import pipeline_fingerprint
-    from psamf.orchestration import params_file
-
-    cfg = load_config(params_file(args["params_yaml"]), args["profile"], args["overrides"])
-    text = args["params_yaml"] or (default_params_path().read_text() if default_params_path().is_file() else "")
-    return cfg, pipeline_fingerprint(cfg.profile, args["overrides"], source_version(cfg, args["data_source"]),
-                                     params_text=text)
-
-
 def compile_pipeline(path: str | Path) -> Path:
     from kfp import compiler
 
@@ -122,8 +109,9 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
     if not force:
         from psamf import tracking
         from psamf.fingerprint import should_run
+        from psamf.orchestration import run_fingerprint
 
-        cfg, fp = local_fingerprint(args)
+        cfg, _, fp, _ = run_fingerprint(args["profile"], args["overrides"], args["params_yaml"], args["data_source"])
         go, reason = should_run(cfg, fp)
         if not go:
             with tracking.stage_run(cfg, "pipeline", f"{run_name}[skipped]",

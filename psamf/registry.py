@@ -238,7 +238,7 @@ def gate_lock(cfg: Config, model_name: str):
             "registry: no lock for %s; set $%s so that concurrent registrations are serialized",
             url.split("://")[0], LOCK_ENV)
         return contextlib.nullcontext()
-    return NamedLock(url, f"psamf-registry:{model_name}")
+    return NamedLock(url, f"psamf-registry:{model_name}", LOCK_ENV if os.environ.get(LOCK_ENV) else "tracking.uri")
 
 
 def versions_with_source(client, name: str, source_key: str) -> list:

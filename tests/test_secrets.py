@@ -113,7 +113,7 @@ def test_tune_and_train_through_the_pipeline_code_leak_no_credential(tmp_path, m
         assert not any(n in str({**(lm.params or {}), **(lm.tags or {})}) for n in needles), lm.model_id
     # Every artifact MLflow stored, every file the tasks wrote (reports, tune_config.yaml, worker logs).
     assert not _scan_tree(tmp_path / "mlartifacts", needles)
-    assert (kfp / "worker-0" / "synthetic" / "tune_config.yaml").is_file() or list(kfp.rglob("tune_config*.yaml"))
+    assert list(kfp.rglob("tune_config*.yaml"))  # the config the workers ran with was written, and scanned
     assert not _scan_tree(kfp, needles)
     out, err = capfd.readouterr()
     logs = caplog.text
