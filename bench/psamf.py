@@ -55,17 +55,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, peak_rss_mib, save
+from psamf import paper
 
 TARGET_SEARCH_S = 20 * 60
 ABLATIONS = ("no_personality", "no_prefusion", "no_enhanced_fusion", "no_ps", "no_clm")
 METRICS = ("non0_acc2", "has0_acc2", "non0_f1", "mae", "corr", "acc7")
 PCT = {"non0_acc2", "has0_acc2", "non0_f1", "acc7"}
 
-# DESIGN.md "Numbers to compare with" / seeds/psa-mf-summary.txt (MOSI). The paper's "Acc2"/"F1"
-# convention is not stated; MMSA-style papers report Non0, so they sit in the Non0 columns.
-PAPER_MAIN = {"PSA-MF (paper)": {"mae": 0.686, "corr": 0.807, "non0_acc2": 86.43, "non0_f1": 86.19}}
-MMSA_REF = {"MulT (MMSA, 5 seeds)": {"mae": 0.880, "has0_acc2": 79.71, "non0_acc2": 80.98},
-            "Self-MM (MMSA, 5 seeds)": {"mae": 0.708, "has0_acc2": 83.44, "non0_acc2": 85.46}}
+PAPER_MAIN = {"PSA-MF (paper)": paper.PSAMF_MOSI}
+MMSA_REF = paper.MMSA_MOSI
 PAPER_ABLATION = {
     "no_personality": {"label": "w/o personality features", "mae": 0.711, "corr": 0.795, "acc2": 84.60, "f1": 84.47},
     "no_prefusion": {"label": "w/o BERT pre-fusion", "mae": 0.735, "corr": 0.778, "acc2": 84.76, "f1": 84.44},

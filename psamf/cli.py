@@ -206,6 +206,24 @@ def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
         echo_json(loo(cfg))
 
 
+@app.command("report")
+@one_line_errors
+def report_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None,
+               loo: Annotated[Optional[Path], typer.Option(help="the LOO report's loo_summary.json "
+                                                           "(default: <finetune.out_dir>/<corpus>/loo_summary.json)")] = None,
+               model: Annotated[Optional[Path], typer.Option(help="the trained PSA-MF dir with predictions.csv "
+                                                             "(default: <train.out_dir>/<corpus>)")] = None,
+               out: Annotated[Path, typer.Option(help="report dir")] = Path("reports/personalization")) -> None:
+    """One personalization page: baseline / FS-UA / FS-UA-KD / PSA-MF / cold start per LOO user, with CIs."""
+    from psamf.personalization import report
+    from psamf.psamf_train import default_out_dir
+
+    cfg = config_from(params, profile, set_, corpus)
+    loo = loo or Path(cfg.finetune.out_dir) / cfg.data.corpus / "loo_summary.json"
+    summary = report(cfg, loo, model or default_out_dir(cfg), out)
+    typer.echo(f"personalization report: {summary['files']['html']} ({len(summary['users'])} users)")
+
+
 @app.command("demo")
 @one_line_errors
 def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,

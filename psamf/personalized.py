@@ -36,7 +36,7 @@ from psamf.io import write_json
 from psamf.metrics import regression_metrics
 from psamf.models.mult import MulT
 from psamf.models.user_adapter import UserVocab
-from psamf.stats import mean_ci, paired_diff
+from psamf.stats import bootstrap_ci, mean_ci, paired_diff
 from psamf.training import Batch, config_fingerprint, fit, predict, seed_everything, tensor_digest
 from psamf import tracking
 
@@ -215,6 +215,7 @@ def finetune(cfg: Config, user: str, write: bool = True, report_path: str | Path
         tracking.log_metrics({f"{v}_{k}_mean": report["summary"][v][k]["mean"] for v in VARIANTS
                               for k in report["summary"][v]})
         tracking.log_metrics({f"{k}_mean": d["mean"] for k, d in report["paired"].items()})
+        tracking.log_metrics({f"cold_start_{k}": d["mean"] for k, d in report["cold_start"].items()})
         if write or report_path is not None:
             path = write_json(report_path or Path(fc.out_dir) / cfg.data.corpus / f"{user}.json", report)
             tracking.log_artifact(path, "loo")
@@ -250,9 +251,13 @@ def _finetune_draws(cfg: Config, user: str) -> dict[str, Any]:
     summary = {v: {k: mean_ci([d[v][k] for d in draws]) for k in draws[0][v]} for v in VARIANTS}
     paired = {f"{v}_vs_baseline_mae": paired_diff([d["baseline"]["mae"] for d in draws], [d[v]["mae"] for d in draws])
               for v in ("fs_ua", "fs_ua_kd")}
+    # Cold start: what the user gets before giving any labels (the unknown-user row on all of
+    # their segments); one prediction per segment, so its CI is a bootstrap over segments.
+    cold_start = bootstrap_ci(teacher_all.numpy(), labels, seed=fc.seed)
     return {"user": user, "corpus": cfg.data.corpus, "av_simulated": ds.av_simulated, "text_features": source,
             "k_shot": fc.k_shot, "draws": fc.draws, "stratified": fc.stratified, "kd_lambda": fc.kd_lambda,
-            "n_segments": int(len(idx)), "summary": summary, "paired": paired, "per_draw": draws}
+            "n_segments": int(len(idx)), "summary": summary, "paired": paired, "cold_start": cold_start,
+            "per_draw": draws}
 
 
 # ---- the LOO experiment ------------------------------------------------------------------------
@@ -375,6 +380,10 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
     save_figure(fig, out / "loo_chart.png")
     summary = {"corpus": cfg.data.corpus, "av_simulated": first["av_simulated"], "users": users,
                "averages": averages, "kd_mae_gain": kd_gain, "metric_keys": TABLE_METRICS,
+               "k_shot": first["k_shot"], "draws": first["draws"], "kd_lambda": first["kd_lambda"],
+               "text_features": first["text_features"],
+               # Everything but the draws, so `psamf report` needs this one file, not K of them.
+               "per_user": {r["user"]: {k: v for k, v in r.items() if k != "per_draw"} for r in reports},
                "files": {k: str(out / f) for k, f in (("csv", "loo_table.csv"), ("markdown", "loo_report.md"),
                                                        ("chart", "loo_chart.png"))}}
     write_json(out / "loo_summary.json", summary)

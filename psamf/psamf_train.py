@@ -19,6 +19,7 @@ Outputs, in `out_dir` (default `<train.out_dir>/<corpus>` for the full model,
                     directories (PsamfConfig, the encoders' HF configs, dims, max_len); `load_model`
     tokenizer/      the text tokenizer (and personality_tokenizer/ when it differs)
     metrics.json    the report `train_psamf` returns
+    predictions.csv segment_id, speaker_id, split, label, pred for every segment (best epoch)
     ckpt/           fit's last.pt / best.pt while training; a rerun after `kill -9` resumes from
                     it exactly (same fingerprint); removed after success unless train.keep_checkpoints
 
@@ -316,6 +317,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
         else:
             report["valid"] = scores(model, "valid")
             report["test"] = scores(model, "test")
+            write_predictions(out_dir / PREDICTIONS, ds, predict(model, tensors, pred_fn, batch_size=max(64, tc.batch_size)))
             _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
                         av_simulated=ds.av_simulated)
             write_json(out_dir / "metrics.json", report)
@@ -323,6 +325,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
                                   **{f"test_{k}": v for k, v in report["test"].items()},
                                   "best_epoch": result.best_epoch})
             tracking.log_artifact(out_dir / "metrics.json", "train")
+            tracking.log_artifact(out_dir / PREDICTIONS, "train")
     if not tc.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
         if store is not None:
@@ -333,6 +336,19 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
         raise optuna.TrialPruned(f"pruned after epoch {pruned['epoch']} "
                                  f"(valid MAE {result.history[-1]['valid_mae']:.4f})")
     return report
+
+
+PREDICTIONS = "predictions.csv"
+
+
+def write_predictions(path: Path, ds: PreparedDataset, preds: np.ndarray) -> Path:
+    """One row per segment of every split, so per-speaker scores (psamf report) and the
+    registry's residual plots need no model and no GPU."""
+    cols = ds.segments[["segment_id", "speaker_id", "split", "label"]].copy()
+    cols["pred"] = np.asarray(preds, dtype=np.float64)
+    with atomic_path(path) as tmp:
+        cols.to_csv(tmp, index=False, float_format="%.6g")
+    return path
 
 
 def _save_model(out_dir: Path, model: nn.Module, *, kind: str, cfg: Config, extra: dict, tokenizers: dict,

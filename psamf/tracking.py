@@ -251,15 +251,20 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         flush()
 
 
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+def log_artifact(path: str | Path, artifact_path: str | None = None, *, parent: bool = False) -> None:
+    """Log a file to the active run; with `parent`, to its parent run (the pipeline run) when it has one."""
     if not enabled():
         return
     import mlflow
 
-    if mlflow.active_run() is not None and Path(path).exists():
+    active = mlflow.active_run()
+    if active is not None and Path(path).exists():
         try:
             with _quick_retries():
-                mlflow.log_artifact(str(path), artifact_path)
+                run_id = active.info.run_id
+                if parent:
+                    run_id = mlflow.MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId") or run_id
+                mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
         except Exception as e:  # the file is on disk; an outage must not fail a finished stage
             log.warning("MLflow: could not log %s (%s)", path, str(e).splitlines()[0][:120])
 

@@ -114,9 +114,15 @@ def test_kd_lambda_weights_the_label_loss(corpus):
     assert len({tuple(d["support"]) for d in draws}) == len(draws)
 
 
-def test_smoke_loo_writes_the_paper_tables(corpus):
+@pytest.fixture(scope="module")
+def loo_run(corpus):
+    """The whole smoke LOO once (pretrain + finetune per user, then the report)."""
+    return loo(corpus[1])
+
+
+def test_smoke_loo_writes_the_paper_tables(corpus, loo_run):
     root, cfg = corpus
-    summary = loo(cfg)
+    summary = loo_run
     assert len(summary["users"]) == cfg.data.loo_users
     assert set(summary["averages"]) == {"baseline", "fs_ua", "fs_ua_kd"}
     md = Path(summary["files"]["markdown"]).read_text()
@@ -128,3 +134,79 @@ def test_smoke_loo_writes_the_paper_tables(corpus):
     table = pd.read_csv(summary["files"]["csv"])
     assert len(table) == 3 * cfg.data.loo_users
     assert (table["MAE_lo"] <= table["MAE"]).all() and (table["MAE"] <= table["MAE_hi"]).all()
+
+
+def test_personalization_report_has_every_user_and_model_and_explains_each_nan(corpus, loo_run, tmp_path):
+    """The report on the smoke LOO, with a PSA-MF predictions table from a stand-in predictor."""
+    from html.parser import HTMLParser
+
+    import pandas as pd
+
+    from psamf.personalization import MODELS, build
+
+    root, cfg = corpus
+    summary = loo_run
+    ds = load_prepared(cfg.data.prepared_path)
+    seg = ds.segments
+    rng = np.random.default_rng(0)
+    preds = seg[["segment_id", "speaker_id", "split", "label"]].assign(
+        pred=seg["label"] + rng.normal(0, 0.5, len(seg)))
+    # The first LOO user gets constant predictions: its PSA-MF Corr is NaN and must say why.
+    preds.loc[preds.speaker_id == summary["users"][0], "pred"] = 0.5
+    (tmp_path / "model").mkdir()
+    preds.to_csv(tmp_path / "model" / "predictions.csv", index=False)
+
+    rep = build(Path(summary["files"]["csv"]).with_name("loo_summary.json"), tmp_path / "model",
+                tmp_path / "report")
+    page = Path(rep["files"]["html"]).read_text()
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cells, self.imgs, self._in = [], 0, False
+
+        def handle_starttag(self, tag, attrs):
+            self._in = tag == "td"
+            self.imgs += tag == "img" and dict(attrs)["src"].startswith("data:image/png;base64,")
+
+        def handle_data(self, data):
+            if self._in:
+                self.cells.append(data)
+
+    p = Cells()
+    p.feed(page)
+    assert p.imgs == 2  # forest plot and per-user chart, embedded
+    for u in summary["users"]:
+        assert u in p.cells
+    for label in MODELS.values():
+        assert label in p.cells
+    rows = rep["rows"]
+    assert len(rows) == len(MODELS) * len(summary["users"])
+    for r in rows:
+        for m in ("MAE", "Corr", "Non0-Acc2"):
+            assert r[m] is not None or r["note"], f"{r['user']}/{r['model']}: {m} is NaN with no explanation"
+    first = next(r for r in rows if r["user"] == summary["users"][0] and r["model"] == "psamf")
+    assert first["Corr"] is None and "constant" in first["note"]
+    # Every user's PSA-MF score matches its rows of the predictions table.
+    for r in (r for r in rows if r["model"] == "psamf" and r["user"] != summary["users"][0]):
+        sub = preds[preds.speaker_id == r["user"]]
+        assert abs(r["MAE"] - (sub.pred - sub.label).abs().mean()) < 1e-9
+        assert r["MAE_lo"] <= r["MAE"] <= r["MAE_hi"]
+        assert (r["psamf_split"] == "train") == ("in-sample" in r["note"])
+    kd = {k["user"]: k for k in rep["kd_gain"]}
+    assert set(kd) == set(summary["users"])
+    assert Path(rep["files"]["forest"]).read_bytes()[:4] == b"\x89PNG"
+    assert "SIMULATED" in page or "synthetic" in page  # the data caveat is stated
+    assert pd.read_csv(rep["files"]["csv"])["best"].sum() == len(summary["users"])
+
+
+def test_report_without_a_psamf_model_says_so_per_row(loo_run, tmp_path):
+    from psamf.personalization import build
+
+    summary = loo_run
+    loo_json = Path(summary["files"]["csv"]).with_name("loo_summary.json")
+    rep = build(loo_json, tmp_path / "nothing-here", tmp_path / "report")
+    psamf_rows = [r for r in rep["rows"] if r["model"] == "psamf"]
+    assert psamf_rows and all(r["MAE"] is None and "psamf train" in r["note"] for r in psamf_rows)
+    cold = [r for r in rep["rows"] if r["model"] == "cold_start"]
+    assert all(r["MAE"] is not None and r["MAE_lo"] <= r["MAE"] <= r["MAE_hi"] for r in cold)
