@@ -112,3 +112,12 @@ def register(profile: str, overrides: List[str], params_yaml: str, fingerprint: 
     from psamf.orchestration import register_stage
     register_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path, model.path,
                    metrics)
+
+
+@component
+def report(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
+           loo_tables: Input[Artifact], model: Input[Model], page: Output[HTML], files: Output[Artifact],
+           metrics: Output[Metrics]):
+    from psamf.orchestration import report_stage
+    report_stage(profile, overrides, params_yaml, fingerprint, dataset.path, loo_tables.path, model.path,
+                 page.path, files.path, metrics)

@@ -4,7 +4,7 @@
         |-> personality
         |-> ParallelFor(loo_ranks): pretrain -> finetune      -> loo_report (Collected)
         `-> tune_study -> ParallelFor(tune_workers): tune_worker -> tune_report -> train
-    register (after train and loo_report)
+    register (after train and loo_report) -> report (every model per LOO user; the last task)
 
 Parameters: `profile`, `overrides` (`section.key=value`) and `params_yaml` (the text of a
 params file; '' = the image's params.yaml) reach every task, exactly like `psamf --params
@@ -106,6 +106,9 @@ def train_and_register(profile: str, overrides: List[str], params_yaml: str, fin
     kubernetes.use_secret_as_env(gate, secret_name="psamf-optuna",
                                  secret_key_to_env={"PSAMF_OPTUNA_STORAGE": "PSAMF_REGISTRY_LOCK_URL"})
     gate.after(report)
+    # Last: the run's one page (every model per LOO user); it marks the MLflow parent run completed.
+    configure(stages.report(dataset=dataset, loo_tables=report.outputs["tables"], model=trained.outputs["model"],
+                            **common), "report", cpu="1", memory="4G").after(gate)
 
 
 @dsl.pipeline(name="psamf-training", description="Personalized MulT LOO + PSA-MF search/train + registry gate")

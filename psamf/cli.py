@@ -243,6 +243,8 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
     listing = list_versions(cfg, registered_name(cfg, "psamf"))
     champ = next((v for v in listing["versions"] if v["champion"]), None)
     typer.echo(f"pipeline finished in {result['wall_s']} s; task outputs under {result['pipeline_root']}")
+    if result.get("report"):
+        typer.echo(f"personalization report (HTML): {result['report']}")
     if champ is None:
         typer.echo(f"{listing['model_name']}: no champion", err=True)
         raise typer.Exit(1)

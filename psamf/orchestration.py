@@ -310,14 +310,27 @@ def train_stage(profile: str, overrides: Sequence[str], params_yaml: str, finger
 
 def register_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    personality: str, model: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
-    """The gate, then the pipeline's parent run is marked completed."""
-    from psamf import tracking
+    """The registry gate: register the trained model, compare with @champion, set the alias."""
     from psamf.registry import register_stage as gate
 
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
                        extra=[f"psamf.personality_encoder={personality}"])
     result = gate(cfg, "psamf", model_dir=model)
-    tracking.complete_pipeline_run(cfg, os.environ.get(tracking.PARENT_ENV, ""))
     log_metrics(metrics, {"promoted": float(bool(result.get("promoted"))), **{
         f"test_{k}": v for k, v in (result.get("metrics") or {}).items()}})
     return result
+
+
+def report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
+                 loo_tables: str, model: str, page: str, out_dir: str,
+                 metrics: MetricsSink | None = None) -> dict[str, Any]:
+    """The personalization report, the DAG's last task: it then marks the parent run completed."""
+    from psamf import tracking
+    from psamf.personalization import METRICS, report
+
+    cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset)
+    summary = report(cfg, Path(loo_tables) / "loo_summary.json", model, out_dir)
+    shutil.copyfile(summary["files"]["html"], page)
+    tracking.complete_pipeline_run(cfg, os.environ.get(tracking.PARENT_ENV, ""))
+    log_metrics(metrics, {f"{m}_{METRICS[k]}": v for m, ms in summary["averages"].items() for k, v in ms.items()})
+    return summary

@@ -144,7 +144,10 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
                 tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
                 sys.stderr.write(TaskLines.ANSI.sub("", tail) + f"\n(full output: {log_path})\n")
                 raise
-    return {"pipeline_root": str(root), "wall_s": round(time.perf_counter() - t0, 1)}
+    # kfp.local keeps each task's outputs under <root>/<run>/<task>/<output>: the newest report page.
+    pages = sorted(root.glob("*/report/page"), key=lambda p: p.stat().st_mtime)
+    return {"pipeline_root": str(root), "wall_s": round(time.perf_counter() - t0, 1),
+            "report": str(pages[-1]) if pages else None}
 
 
 def submit(host: str, profile: str | None, overrides: Sequence[str], experiment: str = "psamf",

@@ -54,12 +54,12 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 1, [r.data.tags for r in parents]
     parent = parents[0].info.run_id
-    assert client.get_run(parent).data.tags["completed"] == "true"  # register marked it done
+    assert client.get_run(parent).data.tags["completed"] == "true"  # the report task, the last, marked it done
     stages = {}
     for r in runs:
         stages.setdefault(r.data.tags.get("stage"), []).append(r)
     for stage, n in {"ingest": 1, "validate": 1, "personality": 1, "pretrain": 2, "finetune": 2, "loo": 1,
-                     "tune": 2, "register": 1}.items():  # tune: the worker's run and the report's
+                     "tune": 2, "register": 1, "report": 1}.items():  # tune: the worker's run and the report's
         got = stages.get(stage, [])
         assert len(got) == n, (stage, len(got))
         assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in got), stage  # nested in the pipeline
@@ -71,6 +71,16 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     assert "fs_ua_kd_MAE" in loo.data.metrics
     arts = {a.path for a in client.list_artifacts(loo.info.run_id, "loo_report")}
     assert {"loo_report/loo_chart.png", "loo_report/loo_table.csv"} <= arts
+
+    # The personalization report: on the parent run, and a KFP HTML output whose page names every LOO user.
+    assert "personalization/personalization.html" in {a.path for a in client.list_artifacts(parent, "personalization")}
+    pages = list((tmp_path / "kfp").glob("*/report/page"))
+    assert len(pages) == 1, pages
+    page = pages[0].read_text()
+    import json
+    users = json.loads((pages[0].parent / "files" / "personalization.json").read_text())["users"]
+    assert len(users) == 2 and all(u in page for u in users)  # smoke: data.loo_users = 2
+    assert "FS-UA-KD" in page and "PSA-MF" in page and "Cold start" in page
 
     champ = client.get_model_version_by_alias("psamf-psamf", "champion")
     assert str(champ.version) == "1" and champ.tags["gate.verdict"] == "first"
@@ -99,6 +109,8 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path):
                   "train", "register"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     assert (repo / "reports/register/psamf.json").is_file()
+    assert "Running stage 'report'" in first.stdout
+    assert "PSA-MF" in (repo / "reports/personalization/personalization.html").read_text()
     metrics = _run([*dvc, "metrics", "show", "--json"], repo, env).stdout
     assert "fs_ua_kd.MAE" in metrics and "kd_mae_gain" in metrics
 

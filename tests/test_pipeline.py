@@ -39,7 +39,7 @@ def _deps(tasks: dict, t: str) -> set:
 
 
 STAGES = ("fingerprint", "fetch-data", "ingest", "validate", "personality", "pretrain", "finetune", "loo-report",
-          "tune-study", "tune-worker", "tune-report", "train", "register")
+          "tune-study", "tune-worker", "tune-report", "train", "register", "report")
 
 
 def test_dag_order(compiled):
@@ -60,6 +60,9 @@ def test_dag_order(compiled):
     assert {"personality", "tune-study"} <= deps(workers)  # the study exists before any worker starts
     assert workers in deps("tune-report") and "tune-report" in deps("train")
     assert "train" in deps("register") and "loo-report" in deps("register")
+    assert {"train", "loo-report", "register"} <= deps("report")  # last: it completes the parent run
+    downstream = {t for t in tasks if "report" in deps(t)}
+    assert not downstream, downstream
     # The stages run in a nested pipeline fed the fingerprint: inside it (and so inside the loops)
     # it is a component input, which kfp.local resolves (see pipelines/training.py).
     assert "fingerprint" in deps("psamf-train-and-register")
