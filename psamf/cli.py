@@ -24,7 +24,7 @@ app.add_typer(data_app, name="data")
 ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml path (default: ./params.yaml or $PSAMF_PARAMS)")]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="smoke | demo | paper")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any key: section.key=value")]
-CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="synthetic | mosi (same as --set data.corpus=...)")]
+CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="synthetic | mosi | mosei (same as --set data.corpus=...)")]
 
 
 def config_from(params: Path | None, profile: str | None, sets: list[str] | None,
@@ -98,11 +98,12 @@ def data_synth(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOp
 @data_app.command("simulate-av")
 @one_line_errors
 def data_simulate_av(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
-                     out: Annotated[Optional[Path], typer.Option(help="default: <raw_dir>/mosi")] = None) -> None:
-    """Write simulated COVAREP/FACET CSDs for the real MOSI labels (marked as simulated)."""
+                     corpus: Annotated[str, typer.Option("--corpus", help="mosi | mosei")] = "mosi",
+                     out: Annotated[Optional[Path], typer.Option(help="default: <raw_dir>/<corpus>")] = None) -> None:
+    """Write simulated COVAREP/FACET CSDs for the real MOSI (or MOSEI) labels (marked as simulated)."""
     from psamf.data.mosi import simulate_av
 
-    cfg = config_from(params, profile, set_, "mosi")
+    cfg = config_from(params, profile, set_, corpus)
     echo_json(simulate_av(cfg, out))
 
 

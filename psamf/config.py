@@ -20,6 +20,8 @@ from psamf.errors import InputError
 from psamf.io import read_text
 
 PROFILES = ("smoke", "demo", "paper")
+CORPORA = ("synthetic", "mosi", "mosei")
+REAL_CORPORA = ("mosi", "mosei")  # read from an SDK download (data.<corpus>_dir); AV may be simulated
 
 
 @dataclass
@@ -29,6 +31,7 @@ class DataConfig:
     prepared_dir: str = "data/prepared"
     shared_dir: str = "../shared/data"
     mosi_dir: str | None = None
+    mosei_dir: str | None = None
     seq_len: int = 50
     audio_dim: int = 74
     visual_dim: int = 35
@@ -47,6 +50,18 @@ class DataConfig:
     @property
     def mosi_path(self) -> Path:
         return Path(self.mosi_dir) if self.mosi_dir else self.shared_path / "cmu-mosi"
+
+    @property
+    def mosei_path(self) -> Path:
+        # A user's own SDK download (MOSEI is not in shared data): the key, else $PSAMF_MOSEI_DIR.
+        return Path(self.mosei_dir or os.environ.get("PSAMF_MOSEI_DIR") or self.shared_path / "cmu-mosei")
+
+    @property
+    def sdk_path(self) -> Path:
+        """Where the corpus's own SDK files are: a real corpus's dir, else <raw_dir>/<corpus>."""
+        if self.corpus in REAL_CORPORA:
+            return self.mosi_path if self.corpus == "mosi" else self.mosei_path
+        return self.raw_path
 
     @property
     def raw_path(self) -> Path:
@@ -406,7 +421,7 @@ def load_config(
     return _check(_build(Config, merged, ""))
 
 
-CHOICES = {("data", "nonfinite"): ("zero", "error"), ("data", "orphan_transcripts"): ("warn", "error")}
+CHOICES = {("data", "corpus"): CORPORA, ("data", "nonfinite"): ("zero", "error"), ("data", "orphan_transcripts"): ("warn", "error")}
 
 
 def _check(cfg: Config) -> Config:

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from psamf.config import Config, load_config
+from psamf.config import REAL_CORPORA, Config, load_config
 
 
 class MetricsSink(Protocol):
@@ -49,10 +49,10 @@ def params_file(params_yaml: str) -> Path | None:
 
 
 def raw_overrides(raw: str | Path) -> list[str]:
-    """A fetched `raw` artifact as the data root: its corpora, MOSI SDK dir and personality corpus."""
+    """A fetched `raw` artifact as the data root: its corpora, MOSI/MOSEI SDK dirs and personality corpus."""
     r = Path(raw) / "raw"
-    mosi = [f"data.mosi_dir={r / 'mosi'}"] if (r / "mosi").is_dir() else []
-    return [f"data.raw_dir={r}", f"data.shared_dir={r}", *mosi]
+    sdk = [f"data.{c}_dir={r / c}" for c in REAL_CORPORA if (r / c).is_dir()]
+    return [f"data.raw_dir={r}", f"data.shared_dir={r}", *sdk]
 
 
 def dataset_overrides(dataset: str | Path) -> list[str]:
@@ -134,14 +134,14 @@ def fingerprint_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
 
 def fetch_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, data_source: str,
                 data_version: str, raw: str) -> dict[str, Any]:
-    """Materialize the corpus into the `raw` artifact (simulating MOSI's AV when it has none)."""
+    """Materialize the corpus into the `raw` artifact (simulating MOSI's/MOSEI's AV when it has none)."""
     from psamf.data.source import materialize
     from psamf.io import write_json
 
     del fingerprint  # a cache key only: this task talks to no tracking server
     cfg = stage_config(profile, overrides, params_yaml)
     report = materialize(cfg, data_source, raw, expect_version=data_version)
-    if cfg.data.corpus == "mosi":
+    if cfg.data.corpus in REAL_CORPORA:
         from psamf.data.ingest import corpus_sources
         from psamf.errors import InputError
 
@@ -154,7 +154,7 @@ def fetch_stage(profile: str, overrides: Sequence[str], params_yaml: str, finger
             sim = Path(raw) / "simulated-av"  # simulate_av swaps in a whole dir: not the SDK dir itself
             report["simulated_av"] = simulate_av(cfg, sim)
             for f in sim.iterdir():
-                os.replace(f, cfg.data.mosi_path / f.name)
+                os.replace(f, cfg.data.sdk_path / f.name)
             sim.rmdir()
     write_json(Path(raw) / "source.json", report)
     return report

@@ -20,7 +20,7 @@ label scale). The head is kept out of model.safetensors so that loading the enco
 
 Decisions:
 - Corpus (`personality.corpus`): `auto` = the real FI v2 at `<data.shared_dir or
-  $PSAMF_SHARED_DATA>/first-impressions-v2` when `data.corpus` is mosi, else the synthetic one
+  $PSAMF_SHARED_DATA>/first-impressions-v2` when `data.corpus` is mosi or mosei, else the synthetic one
   `psamf data synth` writes at `<data.raw_dir>/synthetic/first-impressions-v2`; `real` and
   `synthetic` name those two explicitly; anything else is a corpus directory.
 - Splits: FI's official splits share speakers, so we re-split by YouTube id
@@ -55,7 +55,7 @@ from torch import nn
 
 from psamf import tracking
 from psamf.checkpoints import store_for
-from psamf.config import Config
+from psamf.config import REAL_CORPORA, Config
 from psamf.data.personality import (FI_DIRNAME, SYNTHETIC_MARKER, TRAITS, corpus_info,
                                     load_personality_corpus, speaker_disjoint_split)
 from psamf.errors import InputError
@@ -79,7 +79,7 @@ def personality_corpus_dir(cfg: Config) -> Path:
     real = cfg.data.shared_path / FI_DIRNAME
     synthetic = Path(cfg.data.raw_dir) / "synthetic" / FI_DIRNAME
     if name == "auto":
-        return real if cfg.data.corpus == "mosi" else synthetic
+        return real if cfg.data.corpus in REAL_CORPORA else synthetic
     if name == "real":
         return real
     if name == "synthetic":

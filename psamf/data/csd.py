@@ -71,17 +71,20 @@ def _decode(value: Any) -> Any:
 DEFAULT_MAX_BYTES = 4 << 30  # data.max_csd_mb: what one file may declare in all, decoded
 
 
-def _checked(path: Path, where: str, ds: Any, budget: list[int]) -> None:
+NUMBER_KINDS, TEXT_KINDS = "fiu", "SO"  # TEXT: the SDK's timestamped words (bytes)
+
+
+def _checked(path: Path, where: str, ds: Any, budget: list[int], kinds: str = NUMBER_KINDS) -> None:
     """Refuse a dataset by its declared dtype and shape, before reading a byte of it: a small
     (compressed, or lying) file can declare terabytes, which would raise MemoryError or get
     the process OOM-killed instead of a message."""
     if not isinstance(ds, h5py.Dataset):
         raise InputError(path, f"{where} is not a dataset")
-    if ds.dtype.kind not in "fiu":
-        raise InputError(path, f"{where} has dtype {ds.dtype}, not a number")
+    if ds.dtype.kind not in kinds:
+        raise InputError(path, f"{where} has dtype {ds.dtype}, not {'a number' if kinds == NUMBER_KINDS else 'text'}")
     if len(ds.shape) != 2:
         raise InputError(path, f"{where} must be 2-d, it declares shape {ds.shape}")
-    size = int(np.prod(ds.shape, dtype=np.float64)) * 4  # read as float32
+    size = int(np.prod(ds.shape, dtype=np.float64)) * max(4, ds.dtype.itemsize)  # numbers read as float32
     budget[0] -= size
     if budget[0] < 0:
         raise InputError(path, f"{where} declares shape {ds.shape}: over the cap of what one file may hold "
@@ -89,9 +92,10 @@ def _checked(path: Path, where: str, ds: Any, budget: list[int]) -> None:
 
 
 def read_csd(path: str | Path, videos: set[str] | None = None,
-             max_bytes: int = DEFAULT_MAX_BYTES) -> ComputationalSequence:
+             max_bytes: int = DEFAULT_MAX_BYTES, text: bool = False) -> ComputationalSequence:
     """Read a .csd file; any problem becomes one InputError naming the file and the group.
-    Video ids must be safe ids (they name files later); declared sizes are capped by `max_bytes`."""
+    Video ids must be safe ids (they name files later); declared sizes are capped by `max_bytes`.
+    `text`: features are words (the SDK's TimestampedWords), read as an (n, 1) array of str."""
     from psamf.data.layout import check_id
 
     path = Path(path)
@@ -124,14 +128,16 @@ def read_csd(path: str | Path, videos: set[str] | None = None,
             check_id(vid, "video id", f"{path}: {where}")
             if not isinstance(grp, h5py.Group) or "features" not in grp or "intervals" not in grp:
                 raise InputError(path, f"{where} must hold 'features' and 'intervals' datasets")
-            _checked(path, f"{where}/features", grp["features"], budget)
+            _checked(path, f"{where}/features", grp["features"], budget, TEXT_KINDS if text else NUMBER_KINDS)
             _checked(path, f"{where}/intervals", grp["intervals"], budget)
             n_feats, n_ivals = grp["features"].shape[0], grp["intervals"].shape[0]
             if n_feats != n_ivals:
                 raise InputError(path, f"{where}: {n_feats} feature rows but {n_ivals} intervals")
             try:
-                feats = np.asarray(grp["features"][()], dtype=np.float32)
+                feats = _words(grp["features"][()]) if text else np.asarray(grp["features"][()], dtype=np.float32)
                 ivals = np.asarray(grp["intervals"][()], dtype=np.float32)
+            except UnicodeDecodeError as e:
+                raise InputError(path, f"{where}/features: a word is not UTF-8 ({e.reason} at byte {e.start})") from None
             except (OSError, ValueError, TypeError) as e:
                 raise InputError(path, f"{where} unreadable (truncated or corrupt?): {str(e).splitlines()[0]}") from None
             if feats.ndim != 2 or ivals.ndim != 2 or ivals.shape[1] != 2:
@@ -143,8 +149,22 @@ def read_csd(path: str | Path, videos: set[str] | None = None,
         return ComputationalSequence(root_name=str(root_name), data=data, metadata=metadata)
 
 
+def _words(raw: np.ndarray) -> np.ndarray:
+    return np.vectorize(lambda w: w.decode("utf-8") if isinstance(w, bytes) else str(w), otypes=[object])(raw)
+
+
+def _features(feats: Any) -> np.ndarray:
+    """float32, or for words UTF-8 byte strings as the SDK's TimestampedWords stores them."""
+    arr = np.asarray(feats)
+    if arr.dtype.kind in "US" or (arr.dtype.kind == "O" and all(isinstance(w, (str, bytes)) for w in arr.flat)):
+        return np.array([[w.encode("utf-8") if isinstance(w, str) else bytes(w) for w in row] for row in arr],
+                        dtype=bytes).reshape(arr.shape)
+    return np.asarray(arr, np.float32)
+
+
 def write_csd(path: str | Path, seq: ComputationalSequence) -> Path:
-    """Write `seq` atomically in the SDK layout. Byte-identical for identical input."""
+    """Write `seq` atomically in the SDK layout. Byte-identical for identical input.
+    Features of str/bytes (timestamped words) are written as fixed-length UTF-8 bytes."""
     path = Path(path)
     meta = {k: None for k in SDK_METADATA_KEYS}
     meta.update({"alignment compatible": True, "computational sequence version": 1.0})
@@ -159,7 +179,7 @@ def write_csd(path: str | Path, seq: ComputationalSequence) -> Path:
             for vid in sorted(seq.data):
                 feats, ivals = seq.data[vid]
                 g = data.create_group(vid)
-                g.create_dataset("features", data=np.asarray(feats, np.float32), compression="gzip",
+                g.create_dataset("features", data=_features(feats), compression="gzip",
                                  track_times=False)
                 g.create_dataset("intervals", data=np.asarray(ivals, np.float32), compression="gzip",
                                  track_times=False)

@@ -4,6 +4,13 @@ Reads the labels CSD (one row per labelled segment), transcripts and folds, cuts
 COVAREP and FACET sequences to each segment's interval, applies the explicit policy for
 non-finite frames (COVAREP has -inf), and pools/pads to T steps. Segments with no
 transcript are reported and excluded by name, never dropped silently.
+
+CMU-MOSEI (`data.corpus: mosei`, files in `data.mosei_dir`): sentiment is label column 0; the six
+emotion columns become `emo_<name>` columns of the segments table, which no model reads. Without
+a transcripts.csv the text comes from the SDK's TimestampedWords (layout.words_to_texts). The
+SDK's folds leave some labelled videos out and name two unlabelled ones: for MOSEI both are
+listed in the manifest (`unfolded_videos`, `unlabelled_fold_videos`); a fold video that no
+input file has is an error for every corpus.
 """
 from __future__ import annotations
 
@@ -16,10 +23,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from psamf.config import Config
+from psamf.config import CORPORA, REAL_CORPORA, Config
 from psamf.data.align import frames_in, pool_or_pad
 from psamf.data.csd import ComputationalSequence, read_csd
-from psamf.data.layout import SIMULATED_KEY, csd_name, read_folds, read_transcripts
+from psamf.data.layout import (LABEL_COLUMNS, SIMULATED_KEY, csd_name, find_csd, read_folds, read_transcripts,
+                               words_to_texts)
 from psamf.data.prepared import MODALITIES, PreparedDataset, save_prepared
 from psamf.errors import InputError
 from psamf.fingerprint import file_sha256
@@ -32,29 +40,75 @@ class CorpusSources:
     labels: Path
     audio: Path
     visual: Path
-    transcripts: Path
+    transcripts: Path  # transcripts.csv, or MOSEI's TimestampedWords CSD when there is none
     folds: Path
 
 
+# Labelled videos in no fold: an error, except where the SDK's own folds leave some out (MOSEI's 66).
+UNFOLDED_OK = ("mosei",)
+
+
 def corpus_sources(cfg: Config) -> CorpusSources:
-    """Where each input lives. For mosi, real AV CSDs in the SDK dir win over simulated ones."""
+    """Where each input lives. For a real corpus, AV CSDs in its SDK dir win over simulated ones."""
     corpus = cfg.data.corpus
     if corpus == "synthetic":
         d = cfg.data.raw_path
         return CorpusSources(*(d / csd_name(corpus, r) for r in ("labels", "audio", "visual")),
                              d / "transcripts.csv", d / "standard_folds.json")
-    if corpus == "mosi":
-        sdk, sim = cfg.data.mosi_path, cfg.data.raw_path
-        av = {}
-        for role in ("audio", "visual"):
-            name = csd_name(corpus, role)
-            av[role] = sdk / name if (sdk / name).is_file() else sim / name
-            if not av[role].is_file():
-                raise InputError(sdk / name, f"no {role} CSD here or in {sim}; run `psamf data simulate-av` "
-                                             "or put the SDK's file there")
-        return CorpusSources(sdk / csd_name(corpus, "labels"), av["audio"], av["visual"],
-                             sdk / "transcripts.csv", sdk / "standard_folds.json")
-    raise InputError("data.corpus", f"unknown corpus {corpus!r} (synthetic | mosi)")
+    if corpus not in REAL_CORPORA:
+        raise InputError("data.corpus", f"unknown corpus {corpus!r} ({' | '.join(CORPORA)})")
+    sdk, sim = cfg.data.sdk_path, cfg.data.raw_path
+    labels = find_csd(sdk, corpus, "labels")
+    av = {role: _av_path(sdk, sim, corpus, role) for role in ("audio", "visual")}
+    return CorpusSources(labels, av["audio"], av["visual"], _text_path(sdk, corpus), sdk / "standard_folds.json")
+
+
+def _av_path(sdk: Path, sim: Path, corpus: str, role: str) -> Path:
+    name = csd_name(corpus, role)
+    for path in (sdk / name, sim / name):
+        if path.is_file():
+            return path
+    raise InputError(sdk / name, f"no {role} CSD here or in {sim}; run `psamf data simulate-av --corpus {corpus}` "
+                                 "or put the SDK's file there")
+
+
+def _text_path(sdk: Path, corpus: str) -> Path:
+    csv_path = sdk / "transcripts.csv"
+    if corpus != "mosei" or csv_path.is_file():
+        return csv_path
+    words = sdk / csd_name(corpus, "words")
+    if not words.is_file():
+        raise InputError(sdk, f"no text: neither transcripts.csv nor {words.name} is here")
+    return words
+
+
+def _read_texts(src: CorpusSources, labels: ComputationalSequence, cap: int) -> dict[str, str]:
+    if src.transcripts.suffix != ".csd":
+        return read_transcripts(src.transcripts)
+    words = read_csd(src.transcripts, set(labels.data), cap, text=True)
+    return words_to_texts(words.data, labels.data)
+
+
+def _check_label_columns(labels: ComputationalSequence, path: Path, corpus: str) -> None:
+    want = LABEL_COLUMNS[corpus]
+    for vid, (feats, _) in labels.data.items():
+        if feats.shape[1] != len(want):
+            raise InputError(path, f"data/{vid}/features has {feats.shape[1]} column(s); {corpus} labels have "
+                                   f"{len(want)} ({', '.join(want)})")
+
+
+def _unlabelled_fold_videos(folds: dict[str, list[str]], path: Path, labels: ComputationalSequence,
+                            streams: dict[str, ComputationalSequence]) -> list[str]:
+    """Fold videos without labels (MOSEI's folds name two); one that no input file has is an error."""
+    out = []
+    for split, vids in folds.items():
+        for vid in vids:
+            if vid in labels.data:
+                continue
+            if not any(vid in seq.data for seq in streams.values()):
+                raise InputError(path, f"fold '{split}': video {vid} is in no input file (labels, audio, visual)")
+            out.append(vid)
+    return sorted(out)
 
 
 def _check_dim(seq: ComputationalSequence, path: Path, want: int) -> None:
@@ -66,12 +120,19 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
     """Everything ingest computes, in memory; `ingest` adds the atomic write."""
     T = cfg.data.seq_len
     cap = cfg.data.max_csd_mb << 20
+    corpus = cfg.data.corpus
     labels = read_csd(src.labels, max_bytes=cap)
-    transcripts = read_transcripts(src.transcripts)
+    _check_label_columns(labels, src.labels, corpus)
+    emotions = LABEL_COLUMNS[corpus][1:]
     folds = read_folds(src.folds)
     split_of = {v: s for s, vs in folds.items() for v in vs}
-    videos = set(labels.data)
+    unfolded = sorted(set(labels.data) - set(split_of)) if corpus in UNFOLDED_OK else []
+    for vid in unfolded:
+        del labels.data[vid]
+    videos = set(labels.data) | set(split_of)
     streams = {"audio": read_csd(src.audio, videos, cap), "visual": read_csd(src.visual, videos, cap)}
+    unlabelled = _unlabelled_fold_videos(folds, src.folds, labels, streams)
+    transcripts = _read_texts(src, labels, cap)
     # Transcript rows for segments no label names: a wrong file, or ids that drifted.
     labelled = {f"{v}_{i + 1}" for v, (f, _) in labels.data.items() for i in range(len(f))}
     orphans = sorted(set(transcripts) - labelled)
@@ -118,7 +179,8 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
                 per_mod[f"{m}_len"].append(len(x))
                 per_mod[f"{m}_mask"].append(mask)
             rows.append({"segment_id": seg, "video_id": vid, "speaker_id": vid, "split": split_of[vid],
-                         "label": float(feats[i, 0]), "text": text, "start": start, "end": end})
+                         "label": float(feats[i, 0]), "text": text, "start": start, "end": end,
+                         **{f"emo_{e}": float(feats[i, j + 1]) for j, e in enumerate(emotions)}})
     if not rows:
         raise InputError(src.labels, "no labelled segment with a transcript")
     segments = pd.DataFrame(rows)
@@ -139,6 +201,8 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
         "splits": {s: int((segments["split"] == s).sum()) for s in ("train", "valid", "test")},
         "excluded": excluded,
         "orphan_transcripts": orphans,
+        "unfolded_videos": unfolded,
+        "unlabelled_fold_videos": unlabelled,
         "nonfinite": {"policy": cfg.data.nonfinite, **nonfinite},
         "folds": folds,
         "video_end": video_end,
@@ -165,6 +229,11 @@ def ingest(cfg: Config) -> dict[str, Any]:
         log.warning("excluded %s: %s", e["segment_id"], e["reason"])
     for seg in manifest["orphan_transcripts"]:
         log.warning("%s: row for segment %s, which has no label (ignored)", src.transcripts, seg)
+    for key, what in (("unfolded_videos", "has labels but is in no fold (ignored)"),
+                      ("unlabelled_fold_videos", "is in a fold but has no labels (ignored)")):
+        for vid in manifest[key]:
+            log.warning("%s: video %s %s", src.folds, vid, what)
     return {k: manifest[k] for k in ("corpus", "av_simulated", "n_labelled", "labelled_splits", "n_prepared", "splits",
-                                      "excluded", "orphan_transcripts", "nonfinite")} | {"videos": len(manifest["video_end"]),
+                                      "excluded", "orphan_transcripts", "unfolded_videos", "unlabelled_fold_videos",
+                                      "nonfinite")} | {"videos": len(manifest["video_end"]),
                                                                    "out": str(out)}

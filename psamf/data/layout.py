@@ -1,12 +1,20 @@
 """Where a corpus keeps its files, in the CMU Multimodal SDK's own naming.
 
-Both corpora use the same roles, so ingest reads them the same way:
+Every corpus uses the same roles, so ingest reads them the same way:
 
     <dir>/<PREFIX>_Opinion_Labels.csd      segment labels; row i of a video = segment <video>_<i+1>
     <dir>/<PREFIX>_COVAREP.csd              acoustic frames (74-d)
     <dir>/<PREFIX>_Visual_Facet_41.csd      visual frames (35-d)
     <dir>/transcripts.csv                   id,text,label,mode
     <dir>/standard_folds.json               {"train": [video ids], "valid": [...], "test": [...]}
+
+CMU-MOSEI's SDK download names some of these differently (FILE_NAMES):
+
+    CMU_MOSEI_Labels.csd (or CMU_MOSEI_Opinion_Labels.csd)   7 columns: LABEL_COLUMNS["mosei"]
+    CMU_MOSEI_VisualFacet42.csd                               FACET 4.2, 35-d
+    CMU_MOSEI_TimestampedWords.csd                            one word per interval (bytes, "sp" =
+                                                              silence); the text when there is no
+                                                              transcripts.csv (see words_to_texts)
 """
 from __future__ import annotations
 
@@ -15,17 +23,41 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
+
 from psamf.errors import InputError
 from psamf.io import atomic_path, read_json, read_text
 
-PREFIX = {"mosi": "CMU_MOSI", "synthetic": "PSAMF_SYNTH"}
-ROLES = {"labels": "Opinion_Labels", "audio": "COVAREP", "visual": "Visual_Facet_41"}
+PREFIX = {"mosi": "CMU_MOSI", "mosei": "CMU_MOSEI", "synthetic": "PSAMF_SYNTH"}
+ROLES = {"labels": "Opinion_Labels", "audio": "COVAREP", "visual": "Visual_Facet_41", "words": "TimestampedWords"}
+# Names that differ from <PREFIX>_<ROLE>.csd, the SDK's own first (what psamf writes and prefers).
+FILE_NAMES = {("mosei", "labels"): ("CMU_MOSEI_Labels.csd", "CMU_MOSEI_Opinion_Labels.csd"),
+              ("mosei", "visual"): ("CMU_MOSEI_VisualFacet42.csd",)}
+# Columns of a labels CSD; MOSEI's emotions are kept in the prepared data, models read only sentiment.
+LABEL_COLUMNS = {"mosi": ("sentiment",), "synthetic": ("sentiment",),
+                 "mosei": ("sentiment", "happy", "sad", "anger", "surprise", "disgust", "fear")}
+SILENCE = "sp"  # the SDK's timestamped-words token for a pause
 # Marks a CSD written by psamf's simulator; ingest carries it into every report.
 SIMULATED_KEY = "psamf simulated"
 
 
+def csd_names(corpus: str, role: str) -> tuple[str, ...]:
+    return FILE_NAMES.get((corpus, role), (f"{PREFIX[corpus]}_{ROLES[role]}.csd",))
+
+
 def csd_name(corpus: str, role: str) -> str:
-    return f"{PREFIX[corpus]}_{ROLES[role]}.csd"
+    return csd_names(corpus, role)[0]
+
+
+def find_csd(directory: Path, corpus: str, role: str) -> Path:
+    """The first of the role's names present in `directory`; InputError naming every name if none is."""
+    names = csd_names(corpus, role)
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    if len(names) == 1:
+        raise InputError(directory / names[0], "file not found")
+    raise InputError(directory, f"no {role} CSD: neither {' nor '.join(names)} is here")
 
 
 def write_transcripts(path: Path, rows: list[tuple[str, str, float, str]]) -> None:
@@ -55,6 +87,27 @@ def read_transcripts(path: Path) -> dict[str, str]:
             first_line[seg] = reader.line_num
     except csv.Error as e:
         raise InputError(path, f"line {reader.line_num}: not valid CSV ({e})") from None
+    return out
+
+
+def words_to_texts(words: dict[str, tuple[np.ndarray, np.ndarray]],
+                   segments: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, str]:
+    """segment id -> text, from the SDK's timestamped words (MOSEI ships no transcripts.csv).
+
+    A word belongs to the segment whose [start, end) holds its interval's midpoint, so a word on
+    a boundary lands in one segment only; "sp" (silence) is dropped. `segments` is the labels'
+    {video: (features, intervals)}, `words` the words CSD's {video: (words (n, 1), intervals)}."""
+    out: dict[str, str] = {}
+    for vid, (_, ivals) in segments.items():
+        if vid not in words:
+            continue
+        tokens, w_ivals = words[vid]
+        mid = (w_ivals[:, 0] + w_ivals[:, 1]) / 2
+        for i, (start, end) in enumerate(ivals):
+            keep = np.flatnonzero((mid >= start) & (mid < end))
+            text = " ".join(t for t in (str(tokens[j, 0]).strip() for j in keep) if t and t != SILENCE)
+            if text:
+                out[f"{vid}_{i + 1}"] = text
     return out
 
 

@@ -1,10 +1,12 @@
-"""CMU-MOSI: real labels, transcripts and folds; simulated acoustic/visual features.
+"""CMU-MOSI (and CMU-MOSEI): real labels, transcripts and folds; simulated acoustic/visual features.
 
 Real COVAREP/FACET features for MOSI are not available offline, so `psamf data
 simulate-av` writes stand-ins as genuine SDK CSDs (same roots, dims and timing), marked
 with the metadata key `psamf simulated`. Ingest carries that flag into the manifest and
 every report. Drop the SDK's real `CMU_MOSI_COVAREP.csd` / `CMU_MOSI_Visual_Facet_41.csd`
-next to the labels and they are read instead.
+next to the labels and they are read instead. `--corpus mosei` does the same for a MOSEI
+download that lacks `CMU_MOSEI_COVAREP.csd` / `CMU_MOSEI_VisualFacet42.csd` (the cue uses
+label column 0, sentiment).
 
 Calibration: each segment gets a cue `signal * (y + noise)`, with noise sd 2.0 on the
 label scale, plus a per-speaker bias, spread over a few feature dims and buried in AR(1)
@@ -21,20 +23,28 @@ from tqdm import tqdm
 
 from psamf.config import Config
 from psamf.data.csd import ComputationalSequence, read_csd, write_csd
-from psamf.data.layout import SIMULATED_KEY, csd_name
+from psamf.data.layout import SIMULATED_KEY, csd_name, find_csd
 from psamf.data.synth import cue_direction, render_stream
+from psamf.errors import InputError
 from psamf.io import atomic_dir
 
 CUE_NOISE = 2.0      # per-segment noise on the label scale: what keeps the cue weak
 SPEAKER_BIAS = 0.8   # per-speaker shift along the cue direction, unrelated to sentiment
 
 
+# Per corpus: the SDK's dataset name and the FACET version of its visual CSD's root.
+SIMULATED_NAMES = {"mosi": ("CMU-MOSI", "FACET 4.1"), "mosei": ("CMU-MOSEI", "FACET 4.2")}
+
+
 def simulate_av(cfg: Config, out: str | Path | None = None) -> dict[str, Any]:
-    """Write simulated COVAREP (audio) and FACET (visual) CSDs for the MOSI label CSD."""
+    """Write simulated COVAREP (audio) and FACET (visual) CSDs for the label CSD of data.corpus
+    (mosi or mosei), into `out` (default <raw_dir>/<corpus>)."""
     sim, dc = cfg.simulate, cfg.data
-    labels_path = dc.mosi_path / csd_name("mosi", "labels")
-    labels = read_csd(labels_path)
-    out = Path(out) if out else Path(dc.raw_dir) / "mosi"
+    corpus = dc.corpus
+    if corpus not in SIMULATED_NAMES:
+        raise InputError("data.corpus", f"simulate-av is for {' | '.join(SIMULATED_NAMES)}, not {corpus!r}")
+    labels = read_csd(find_csd(dc.sdk_path, corpus, "labels"))
+    out = Path(out) if out else dc.raw_path
     rng = np.random.default_rng(sim.seed)
     dims = {"audio": dc.audio_dim, "visual": dc.visual_dim}
     hz = {"audio": sim.audio_hz, "visual": sim.visual_hz}
@@ -52,11 +62,12 @@ def simulate_av(cfg: Config, out: str | Path | None = None) -> dict[str, Any]:
             if m == "audio":
                 feats[rng.random(len(feats)) < 0.002, dims[m] - 1] = -np.inf  # COVAREP's -inf quirk
             streams[m][vid] = (feats, ivals)
-    meta = {"dataset name": "CMU-MOSI", "creator": "psamf data simulate-av", SIMULATED_KEY: True,
+    dataset, facet = SIMULATED_NAMES[corpus]
+    meta = {"dataset name": dataset, "creator": "psamf data simulate-av", SIMULATED_KEY: True,
             "psamf seed": sim.seed, "computational sequence description":
                 "SIMULATED stand-in features (not real COVAREP/FACET); see psamf.data.mosi"}
     with atomic_dir(out) as tmp:
-        write_csd(tmp / csd_name("mosi", "audio"), ComputationalSequence("COVAREP", streams["audio"], meta))
-        write_csd(tmp / csd_name("mosi", "visual"), ComputationalSequence("FACET 4.1", streams["visual"], meta))
-    return {"corpus": "mosi", "out": str(out), "videos": len(labels.data), "simulated": True,
+        write_csd(tmp / csd_name(corpus, "audio"), ComputationalSequence("COVAREP", streams["audio"], meta))
+        write_csd(tmp / csd_name(corpus, "visual"), ComputationalSequence(facet, streams["visual"], meta))
+    return {"corpus": corpus, "out": str(out), "videos": len(labels.data), "simulated": True,
             "audio_hz": sim.audio_hz, "visual_hz": sim.visual_hz}

@@ -1,7 +1,8 @@
 """The prepared dataset: what `psamf data ingest` writes and every later stage reads.
 
 On disk, `<prepared_dir>/<corpus>/`:
-    segments.parquet  one row per segment, columns SEGMENT_COLUMNS
+    segments.parquet  one row per segment, columns SEGMENT_COLUMNS (+ EMOTION_COLUMNS for MOSEI,
+                      kept for analysis, read by no model)
     arrays.npz        audio [N,T,Da], visual [N,T,Dv] float32; *_len [N] true frame counts
                       before pooling/padding; *_mask [N,T] bool (True = a real step)
     manifest.json     corpus, av_simulated, seq_len, dims, counts, excluded segments,
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from psamf.data.layout import LABEL_COLUMNS
 from psamf.errors import InputError
 from psamf.io import atomic_dir
 
 SEGMENT_COLUMNS = ["segment_id", "video_id", "speaker_id", "split", "label", "text", "start", "end"]
+EMOTION_COLUMNS = [f"emo_{e}" for e in LABEL_COLUMNS["mosei"][1:]]
 MODALITIES = ("audio", "visual")
 SPLITS = ("train", "valid", "test")
 
@@ -67,7 +70,8 @@ def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> Path:
     """Write atomically: the directory appears complete or not at all."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        ds.segments[SEGMENT_COLUMNS].to_parquet(tmp / "segments.parquet", index=False)
+        extra = [c for c in EMOTION_COLUMNS if c in ds.segments.columns]
+        ds.segments[SEGMENT_COLUMNS + extra].to_parquet(tmp / "segments.parquet", index=False)
         np.savez(tmp / "arrays.npz", **ds.arrays)
         (tmp / "manifest.json").write_text(json.dumps(ds.manifest, indent=2, sort_keys=True) + "\n")
     return out_dir

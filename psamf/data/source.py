@@ -171,7 +171,7 @@ def source_version(cfg: Config, spec: str) -> str:
 
     # The generator's code is in the fingerprint's code version; its inputs are these keys.
     blob = {"synth": asdict(cfg.synth), "data": {k: v for k, v in asdict(cfg.data).items()
-                                                 if k not in ("raw_dir", "prepared_dir", "shared_dir", "mosi_dir")}}
+                                                 if k not in ("raw_dir", "prepared_dir", "shared_dir", "mosi_dir", "mosei_dir")}}
     return "synthetic:" + hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -27,8 +27,7 @@ BATCH = 64
 
 def word_vectors_path(cfg: Config) -> Path | None:
     name = f"{PREFIX[cfg.data.corpus]}_TimestampedWordVectors.csd"
-    base = cfg.data.mosi_path if cfg.data.corpus == "mosi" else cfg.data.raw_path
-    path = base / name
+    path = cfg.data.sdk_path / name
     return path if path.is_file() else None
 
 

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from psamf.config import Config
-from psamf.data.prepared import MODALITIES, SEGMENT_COLUMNS, SPLITS
+from psamf.data.prepared import EMOTION_COLUMNS, MODALITIES, SEGMENT_COLUMNS, SPLITS
 from psamf.validation.tables import VIDEO_END_TOLERANCE_S
 
 LABEL_RANGE = (-3.0, 3.0)
+EMOTION_RANGE = (0.0, 3.0)  # MOSEI: mean presence of each emotion over annotators, on a 0-3 scale
 FLOAT_TYPES = ["float64", "float32", "float16", "int64", "int32"]  # numeric; ints are fine
 STR_TYPES = ["str"]  # checked per value: the tables hold text as object columns
 
@@ -66,6 +67,8 @@ def build_checks(cfg: Config) -> list[Check]:
     add("segments", "text is not empty", E.ExpectColumnValueLengthsToBeBetween, ["text"], column="text", min_value=1)
     add("segments", "text is not only whitespace", E.ExpectColumnValuesToMatchRegex,
         ["text"], column="text", regex=r"\S")
+    if d.corpus == "mosei":
+        _emotion_checks(add, E)
     # ---- segments: intervals inside the video -----------------------------------------------
     add("segments", "start >= 0", E.ExpectColumnValuesToBeBetween, ["start"], column="start", min_value=0)
     add("segments", "end >= start", E.ExpectColumnPairValuesAToBeGreaterThanB, ["start", "end"],
@@ -103,3 +106,13 @@ def build_checks(cfg: Config) -> list[Check]:
     add("loo_users", f"each LOO user has >= data.min_user_segments = {d.min_user_segments} segments",
         E.ExpectColumnValuesToBeBetween, ["n_segments"], column="n_segments", min_value=d.min_user_segments)
     return checks
+
+
+def _emotion_checks(add: Any, E: Any) -> None:
+    """MOSEI's emotion columns: kept, so checked like the label (present, finite, in range)."""
+    lo, hi = EMOTION_RANGE
+    for col in EMOTION_COLUMNS:
+        add("segments", f"column {col} exists", E.ExpectColumnToExist, column=col)
+        add("segments", f"{col} is never null (NaN)", E.ExpectColumnValuesToNotBeNull, [col], column=col)
+        add("segments", f"{col} within [{lo:g}, {hi:g}] (so finite)", E.ExpectColumnValuesToBeBetween,
+            [col], column=col, min_value=lo, max_value=hi)
