@@ -430,6 +430,7 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
 
     from psamf import serving, tracking
     from psamf.data.prepared import load_prepared
+    from psamf.evaluation import evaluate_logged_model
     from psamf.errors import InputError
 
     if not tracking.enabled():
@@ -480,8 +481,9 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
         if run_id:
             tracking.set_tags(tags)
         info = log_model(cfg, model_dir)
-        metrics = serving.evaluate(info.model_uri, serving.dataset_frame(ds, idx),
-                                   ds.segments["label"].to_numpy()[idx])
+        metrics = evaluate_logged_model(info, serving.dataset_frame(ds, idx), ds.segments["label"].to_numpy()[idx],
+                                        name=f"{cfg.data.corpus}-{'test' if user is None else user}",
+                                        source=str(cfg.data.prepared_path), digest=tsid)
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         result = register(cfg, run.info.run_id, info.model_uri, metrics, tsid, name, source_key)
     result["model_uri"] = info.model_uri

@@ -561,14 +561,11 @@ def log_psamf_model(cfg: Config, model_dir: str | Path | None = None, name: str 
 
 # ---------------------------------------------------------------------------- evaluation
 
-def evaluate(model, df: pd.DataFrame, labels: Sequence[float]) -> dict[str, float]:
-    """All psamf.metrics on a served model's predictions (model: a URI or a loaded pyfunc)."""
+def predict_values(model, df: pd.DataFrame) -> np.ndarray:
+    """A served model's sentiment scores for `df` (model: a URI or a loaded pyfunc)."""
     import mlflow
-
-    from psamf.metrics import regression_metrics
 
     if isinstance(model, str):
         model = mlflow.pyfunc.load_model(model)
     pred = model.predict(df)
-    values = pred[OUTPUT_COLUMN].to_numpy() if isinstance(pred, pd.DataFrame) else np.asarray(pred)
-    return regression_metrics(values, np.asarray(labels, dtype=np.float64))
+    return pred[OUTPUT_COLUMN].to_numpy() if isinstance(pred, pd.DataFrame) else np.asarray(pred)

@@ -21,6 +21,9 @@ from psamf.config import Config
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "PSAMF_PARENT_RUN_ID"
+# The stages that train: their runs carry MLflow system metrics (system/cpu_utilization_percentage, ...).
+SYSTEM_METRICS_STAGES = ("personality", "pretrain", "train")
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 
 
 # A new sqlite store announces its schema migration at INFO on stderr; a CLI error must stay one
@@ -111,6 +114,8 @@ def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict[s
     elif os.environ.get(PARENT_ENV):
         kwargs["parent_run_id"] = os.environ[PARENT_ENV]
     all_tags = {**base_tags(cfg, stage), **{k: _tag(v) for k, v in (tags or {}).items()}}
+    if stage in SYSTEM_METRICS_STAGES and SYSTEM_METRICS_ENV not in os.environ:
+        kwargs["log_system_metrics"] = True  # CPU/GPU/memory beside the losses; the env var can turn it off
     run = mlflow.start_run(tags=all_tags, **kwargs)
     status = "FAILED"
     try:

@@ -308,6 +308,28 @@ def test_register_stage_psamf(psamf_trained):
     n_test = int((ds.segments["split"] == "test").sum())
     assert r["test_set_id"].startswith(f"synthetic:{n_test}:")
 
+    # mlflow.models.evaluate ran on the registered model: plots, table, dataset, LoggedModel metrics.
+    import mlflow
+
+    from psamf.evaluation import evaluation_artifacts
+    from psamf.registry import client_for
+
+    client = client_for(cfg)
+    arts = evaluation_artifacts(client, r["run_id"])
+    assert sorted(arts["plots"]) == ["predicted_vs_true.png", "residuals.png"]
+    assert arts["table"] == ["eval_results_table.json"]
+    for png in arts["plots"]:
+        assert Path(client.download_artifacts(r["run_id"], png)).read_bytes()[:4] == b"\x89PNG"
+    run = client.get_run(r["run_id"])
+    # the gate read the same numbers MLflow's evaluation logged
+    assert run.data.metrics["psamf/mae"] == pytest.approx(r["metrics"]["mae"])
+    assert run.data.metrics["psamf/non0_acc2"] == pytest.approx(r["metrics"]["non0_acc2"])
+    assert run.data.metrics["mean_absolute_error"] == pytest.approx(r["metrics"]["mae"])
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic-test"]
+    model_id = r["model_uri"][len("models:/"):]
+    linked = {m.key: m.value for m in mlflow.get_logged_model(model_id).metrics or []}
+    assert linked["psamf/mae"] == pytest.approx(r["metrics"]["mae"])
+
 
 def test_missing_models_are_input_errors(trained, tmp_path):
     from psamf.serving import log_mult_model, log_psamf_model

@@ -52,3 +52,23 @@ def test_tracking_off_is_a_no_op(smoke_cfg, monkeypatch, tmp_path):
     with tracking.stage_run(smoke_cfg, "x"):
         tracking.log_metrics({"a": 1.0})
     assert not (tmp_path / "t.db").exists()
+
+
+def test_training_stages_log_system_metrics_and_the_env_turns_them_off(smoke_cfg, monkeypatch, tmp_path):
+    import time
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with tracking.stage_run(smoke_cfg, "train") as trained:
+        time.sleep(1.5)
+    with tracking.stage_run(smoke_cfg, "ingest") as ingested:  # not a training stage
+        time.sleep(0.5)
+    monkeypatch.setenv(tracking.SYSTEM_METRICS_ENV, "false")
+    with tracking.stage_run(smoke_cfg, "pretrain") as off:
+        time.sleep(0.5)
+    client = mlflow.MlflowClient()
+    system = lambda run: [k for k in client.get_run(run.info.run_id).data.metrics if k.startswith("system/")]  # noqa: E731
+    assert "system/cpu_utilization_percentage" in system(trained)
+    assert system(ingested) == [] and system(off) == []
