@@ -2,8 +2,9 @@
 
 (a) sqlite, in-process, 2 trials -> best_params.json (three dotted keys, in range), report,
     plots, MLflow child runs; `psamf train --best-params` applies it.
-(b) two worker processes against a real PostgreSQL (tests/servers.py) sharing one study that
-    was created once beforehand: exactly tune.n_trials trials, both workers exit 0.
+(b) two worker processes (the hidden `psamf tune-process` command) against a real PostgreSQL
+    (tests/servers.py) sharing one study that was created once beforehand: exactly
+    tune.n_trials trials, both workers exit 0.
 (c) a worker SIGKILLed while its trial is RUNNING: with a 1 s heartbeat / 2 s grace period the
     trial ends FAIL, is re-queued (the retry carries `failed_trial`), and the study completes.
 """
@@ -13,6 +14,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -234,18 +237,48 @@ def test_bad_input_is_one_line_input_error(root, tmp_path):
         assert res.exit_code == 2 and res.output.count("\n") == 1 and "psamf: error:" in res.output
 
 
+def test_the_worker_command_is_hidden_and_runs_without_the_console_script(tmp_path):
+    """`psamf tune-process` is not in `psamf --help`; `python -m psamf` reaches it (no PATH needed)
+    and bad input ends in the one-line error with exit code 2."""
+    from typer.testing import CliRunner
+
+    from psamf.cli import app
+    from psamf.tune import worker_argv
+
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0 and "tune " in res.output and "tune-process" not in res.output
+    argv = worker_argv(tmp_path / "missing.yaml", 3)
+    assert argv[:3] == [sys.executable, "-m", "psamf"] and "tune-process" in argv
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("psamf: error:") and "missing.yaml" in proc.stderr
+
+
 # ---- (b) PostgreSQL, two worker processes -------------------------------------------------------
 
 def test_two_worker_processes_share_one_postgres_study(root, tmp_path, pg_url, monkeypatch):
     import optuna
 
+    import psamf.tune.workers as tw
     from psamf.tune import tune
 
     monkeypatch.setenv("PSAMF_OPTUNA_STORAGE", pg_url)  # the env var wins over tune.storage
+    argvs: list[list[str]] = []
+    real_argv = tw.worker_argv
+
+    def spy(*args) -> list[str]:
+        argvs.append(real_argv(*args))
+        return argvs[-1]
+
+    monkeypatch.setattr(tw, "worker_argv", spy)  # patched where _run_worker_processes looks it up
     cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", "tune.n_trials=4", "tune.epochs=2",
                   "tune.study_name=shared", "tune.storage=sqlite:////nonexistent/never.db")
     s = tune(cfg, workers=2)
     assert [w["exit_code"] for w in s["workers"]] == [0, 0]  # no crash creating the schema
+    # The workers ran the hidden Typer command, which prints run_worker's result as YAML.
+    assert len(argvs) == 2 and all(a[1:3] == ["-m", "psamf"] and "tune-process" in a for a in argvs)
+    assert all("trials_run:" in Path(w["log"]).read_text() for w in s["workers"])
     assert s["storage"].startswith("postgresql+psycopg2://") and s["n_workers"] == 2
     study = optuna.load_study(study_name="shared", storage=pg_url)
     trials = study.get_trials()
