@@ -1,7 +1,8 @@
 """`psamf tune`: the Optuna search over τ, N, λ on the smoke profile with tiny BERTs.
 
 (a) sqlite, in-process, 2 trials -> best_params.json (three dotted keys, in range), report,
-    plots, MLflow child runs; `psamf train --best-params` applies it.
+    PNG plots and one interactive tune_plots.html, MLflow child runs; `psamf train
+    --best-params` applies it.
 (b) two worker processes (the hidden `psamf tune-process` command) against a real PostgreSQL
     (tests/servers.py) sharing one study that was created once beforehand: exactly
     tune.n_trials trials, both workers exit 0.
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from transformers import BertConfig, BertModel
 
 from psamf.config import load_config
 from psamf.errors import InputError
+from psamf.tune import PLOTS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -77,6 +80,40 @@ def finished(summary: dict) -> int:
     return summary["trials_by_state"]["COMPLETE"] + summary["trials_by_state"]["PRUNED"]
 
 
+class PlotsPage(HTMLParser):
+    """tune_plots.html, parsed: <section id=plot> in order, the plotly figure div in each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.figures: dict[str, str] = {}
+        self.script_srcs: list[str] = []
+        self.skipped = ""
+        self.plotly_js = 0
+
+    @classmethod
+    def read(cls, path: str) -> "PlotsPage":
+        text = Path(path).read_text(encoding="utf-8")
+        page = cls()
+        page.feed(text)
+        page.close()
+        page.plotly_js = text.count("* plotly.js v")  # the bundle's license banner
+        return page
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a["id"])
+        elif tag == "div" and "plotly-graph-div" in (a.get("class") or ""):
+            self.figures[self.sections[-1]] = a["id"]
+        elif tag == "script" and a.get("src"):
+            self.script_srcs.append(a["src"])
+
+    def handle_data(self, data: str) -> None:
+        if data.startswith("skipped:"):
+            self.skipped += f"{self.sections[-1]}: {data}\n"
+
+
 # ---- (a) sqlite, in-process ----------------------------------------------------------------------
 
 def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tmp_path, monkeypatch):
@@ -107,6 +144,11 @@ def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tm
     assert (out / "trials.csv").is_file() and "best_params.json" in (out / "summary.md").read_text()
     plots = s["plots"]
     assert Path(plots["optimization_history"]).is_file() and Path(plots["parallel_coordinate"]).is_file()
+    assert plots["optimization_history"].endswith(".png")
+    page = PlotsPage.read(s["plots_html"])  # one interactive page: a plotly figure per plot, plotly.js once
+    assert Path(s["plots_html"]) == out / "plots" / "tune_plots.html"
+    assert page.sections == list(PLOTS) and set(page.figures) == set(PLOTS), page.skipped
+    assert page.plotly_js == 1 and page.script_srcs == []  # inlined: opens without network
     # Trial dirs keep metrics.json only: no checkpoints, no models.
     trial_dirs = sorted((out / "trials" / "psamf").iterdir())
     assert len(trial_dirs) == 2 and all([p.name for p in d.iterdir()] == ["metrics.json"] for d in trial_dirs)
@@ -124,6 +166,7 @@ def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tm
     assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 1
     assert child["params.psamf.tau"] is not None and child["params.train.epochs"] == str(cfg.tune.epochs)
     assert {"tune/best_params.json", "tune/summary.json"} <= {a.path for a in client.list_artifacts(tune_run.run_id, "tune")}
+    assert "tune/plots/tune_plots.html" in {a.path for a in client.list_artifacts(tune_run.run_id, "tune/plots")}
 
     # `psamf train --best-params` applies the dotted keys; an explicit --set still wins.
     args = ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml"), "--best-params",

@@ -7,7 +7,8 @@ Outputs, atomic, in `<tune.out_dir>/<corpus>/`:
                        epochs run in total, retries, per-trial rows, worker exit codes, wall time
     summary.md, trials.csv
     plots/             optimization_history, param_importances, parallel_coordinate,
-                       intermediate_values: .html with plotly installed, else .png (matplotlib)
+                       intermediate_values as .png (matplotlib), and all of them in one
+                       interactive tune_plots.html (plotly, plotly.js inlined: works offline)
     tune_config.yaml   the resolved config the workers ran with
     trials/<study>/<n> one dir per trial: metrics.json (model.pt only with tune.keep_trial_models)
     workers/           worker-<i>.log for worker processes
@@ -20,6 +21,7 @@ $PSAMF_PARENT_RUN_ID. Child runs of trials whose worker died are closed as KILLE
 """
 from __future__ import annotations
 
+import html
 import logging
 import shutil
 import warnings
@@ -29,7 +31,7 @@ from typing import Any
 from psamf import tracking
 from psamf.config import Config
 from psamf.errors import InputError
-from psamf.io import write_json, write_text
+from psamf.io import atomic_path, write_json, write_text
 from psamf.redact import redact
 from psamf.tune.search import (PARAMS, encoder_depth, load_study, report_dir, storage_url, study_finished,
                                trial_counts)
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 ROW_COLUMNS = ["number", "state", "value", *PARAMS, "epochs", "best_epoch", "retry_of", "worker", "duration_s",
                "fail_reason"]
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+PLOTS_HTML = "tune_plots.html"
 
 
 # ---------------------------------------------------------------------------- finishing a study
@@ -67,7 +70,7 @@ def finalize(cfg: Config, study, extra: dict[str, Any]) -> dict[str, Any]:
                           "epochs_total": summary["epochs_total"], **({"wall_s": extra["wall_s"]} if "wall_s" in extra else {})})
     for name in ("best_params.json", "summary.json", "summary.md", "trials.csv", "tune_config.yaml"):
         tracking.log_artifact(out / name, "tune")
-    for p in summary["plots"].values():
+    for p in [*summary["plots"].values(), summary["plots_html"]]:
         if isinstance(p, str):
             tracking.log_artifact(p, "tune/plots")
     return summary
@@ -121,36 +124,67 @@ def _trial_row(t) -> dict[str, Any]:
             "duration_s": None if dur is None else round(dur, 2), "fail_reason": t.user_attrs.get("fail_reason")}
 
 
-def _save_plots(study, out: Path) -> dict[str, Any]:
-    """Optuna's plots: plotly HTML when plotly is installed, else matplotlib PNG."""
+def _skip_reason(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _save_pngs(study, out: Path) -> dict[str, Any]:
+    """Optuna's plots as matplotlib PNGs: name -> path, or {"skipped": why}."""
+    import matplotlib
     import optuna
 
-    from psamf.io import atomic_path
     from psamf.reports import save_figure
 
+    matplotlib.use("Agg", force=False)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
-    plotly = optuna.visualization.is_available()
     for name in PLOTS:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if plotly:
-                    fig = getattr(optuna.visualization, f"plot_{name}")(study)
-                    path = out / f"{name}.html"
-                    with atomic_path(path) as tmp:
-                        fig.write_html(str(tmp), include_plotlyjs="cdn")
-                else:
-                    import matplotlib
-
-                    matplotlib.use("Agg", force=False)
-                    ax = getattr(optuna.visualization.matplotlib, f"plot_{name}")(study)
-                    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                    path = save_figure(fig, out / f"{name}.png")
-            files[name] = str(path)
+                ax = getattr(optuna.visualization.matplotlib, f"plot_{name}")(study)
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                files[name] = str(save_figure(fig, out / f"{name}.png"))
         except Exception as e:  # e.g. importances need >= 2 complete trials with different values
-            files[name] = {"skipped": str(e).splitlines()[0] if str(e) else type(e).__name__}
+            files[name] = {"skipped": _skip_reason(e)}
     return files
+
+
+def _plot_section(study, name: str, include_js: bool) -> tuple[str, bool]:
+    """One plot as an HTML <section>; True when it holds a figure (and so, maybe, plotly.js)."""
+    import optuna
+    import plotly.io as pio
+
+    title = f"<h2>{html.escape(name.replace('_', ' '))}</h2>"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig = getattr(optuna.visualization, f"plot_{name}")(study)
+    except Exception as e:  # same reasons as the PNG's
+        return f'<section id="{name}">{title}<p>skipped: {html.escape(_skip_reason(e))}</p></section>', False
+    div = pio.to_html(fig, full_html=False, include_plotlyjs=include_js, div_id=f"plot-{name}",
+                      default_height="520px", default_width="100%")
+    return f'<section id="{name}">{title}{div}</section>', True
+
+
+def _save_html(study, path: Path) -> Path:
+    """Every plot in one interactive page, plotly.js inlined once: cluster pods and KFP UIs may be offline."""
+    sections, need_js = [], True
+    for name in PLOTS:
+        section, drawn = _plot_section(study, name, include_js=need_js)
+        sections.append(section)
+        need_js = need_js and not drawn
+    title = html.escape(f"Optuna study {study.study_name}")
+    page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
+            f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")  # plotly.js has non-ASCII bytes; never the locale default
+    return path
+
+
+def _save_plots(study, out: Path) -> tuple[dict[str, Any], str]:
+    """PNGs per plot (README, bench) and the one interactive HTML (MLflow, KFP)."""
+    return _save_pngs(study, out), str(_save_html(study, out / PLOTS_HTML))
 
 
 def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -195,7 +229,7 @@ def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) ->
                       "max_retry": cfg.tune.max_retry},
         "trials": rows, **(extra or {}),
     }
-    summary["plots"] = _save_plots(study, out / "plots") if trials else {}
+    summary["plots"], summary["plots_html"] = _save_plots(study, out / "plots") if trials else ({}, None)
     files = {"summary": str(out / "summary.json"), "summary_md": str(out / "summary.md"),
              "trials_csv": str(out / "trials.csv")}
     if best_params is not None:
