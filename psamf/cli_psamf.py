@@ -5,6 +5,7 @@
     psamf train --text-baseline the text-only baseline on the same encoder and folds
     psamf train --best-params P apply a best_params.json (dotted keys) from `psamf tune`
     psamf tune [--workers N]    Optuna search over tau, N, lambda (psamf.tune); --join on other nodes
+    psamf tune-process          (hidden) one worker process that `psamf tune --workers N` starts
 """
 # No `from __future__ import annotations`: Typer evaluates the annotations, and the option
 # types are imported inside register(), so they must be resolved when each command is defined.
@@ -83,3 +84,20 @@ def register(app: typer.Typer) -> None:
             cfg = keyed_study(cfg)
         summary = tune_report(cfg) if report_only else tune(cfg, workers, join=join)
         echo_json({k: v for k, v in summary.items() if k not in ("trials", "search_space", "heartbeat")})
+
+    @app.command("tune-process", hidden=True)
+    @one_line_errors
+    def tune_process_cmd(
+            config: Annotated[Path, typer.Option("--config", help="a resolved config (tune_config.yaml) or params.yaml")],
+            profile: ProfileOpt = None,
+            worker: Annotated[int, typer.Option("--worker", help="worker index (offsets the sampler seed)")] = 0,
+    ) -> None:
+        """One worker process of `psamf tune --workers N`: run trials of the existing study until it has
+        tune.n_trials finished. Hidden: `tune` starts it (storage URL from $PSAMF_OPTUNA_STORAGE)."""
+        import yaml
+
+        from psamf.config import load_config
+        from psamf.tune import run_worker
+
+        result = run_worker(load_config(config, profile), worker, parallel=True)
+        typer.echo(yaml.safe_dump(result, sort_keys=False).strip())

@@ -264,10 +264,10 @@ def _tune_config(profile: str, overrides: Sequence[str], params_yaml: str, finge
 def tune_study_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                      personality: str) -> str:
     """Create the study once, before any worker task starts (concurrent creation races)."""
-    from psamf.tune import _preflight, create_study
+    from psamf.tune import create_study, preflight
 
     cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality, tempfile.mkdtemp())
-    _preflight(cfg)
+    preflight(cfg)
     create_study(cfg)
     return cfg.tune.study_name
 

@@ -1,9 +1,11 @@
 """`psamf tune`: the Optuna search over τ, N, λ on the smoke profile with tiny BERTs.
 
 (a) sqlite, in-process, 2 trials -> best_params.json (three dotted keys, in range), report,
-    plots, MLflow child runs; `psamf train --best-params` applies it.
-(b) two worker processes against a real PostgreSQL (tests/servers.py) sharing one study that
-    was created once beforehand: exactly tune.n_trials trials, both workers exit 0.
+    PNG plots and one interactive tune_plots.html, MLflow child runs; `psamf train
+    --best-params` applies it.
+(b) two worker processes (the hidden `psamf tune-process` command) against a real PostgreSQL
+    (tests/servers.py) sharing one study that was created once beforehand: exactly
+    tune.n_trials trials, both workers exit 0.
 (c) a worker SIGKILLed while its trial is RUNNING: with a 1 s heartbeat / 2 s grace period the
     trial ends FAIL, is re-queued (the retry carries `failed_trial`), and the study completes.
 """
@@ -13,8 +15,11 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,7 @@ from transformers import BertConfig, BertModel
 
 from psamf.config import load_config
 from psamf.errors import InputError
+from psamf.tune import PLOTS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -74,6 +80,40 @@ def finished(summary: dict) -> int:
     return summary["trials_by_state"]["COMPLETE"] + summary["trials_by_state"]["PRUNED"]
 
 
+class PlotsPage(HTMLParser):
+    """tune_plots.html, parsed: <section id=plot> in order, the plotly figure div in each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.figures: dict[str, str] = {}
+        self.script_srcs: list[str] = []
+        self.skipped = ""
+        self.plotly_js = 0
+
+    @classmethod
+    def read(cls, path: str) -> "PlotsPage":
+        text = Path(path).read_text(encoding="utf-8")
+        page = cls()
+        page.feed(text)
+        page.close()
+        page.plotly_js = text.count("* plotly.js v")  # the bundle's license banner
+        return page
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a["id"])
+        elif tag == "div" and "plotly-graph-div" in (a.get("class") or ""):
+            self.figures[self.sections[-1]] = a["id"]
+        elif tag == "script" and a.get("src"):
+            self.script_srcs.append(a["src"])
+
+    def handle_data(self, data: str) -> None:
+        if data.startswith("skipped:"):
+            self.skipped += f"{self.sections[-1]}: {data}\n"
+
+
 # ---- (a) sqlite, in-process ----------------------------------------------------------------------
 
 def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tmp_path, monkeypatch):
@@ -104,6 +144,11 @@ def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tm
     assert (out / "trials.csv").is_file() and "best_params.json" in (out / "summary.md").read_text()
     plots = s["plots"]
     assert Path(plots["optimization_history"]).is_file() and Path(plots["parallel_coordinate"]).is_file()
+    assert plots["optimization_history"].endswith(".png")
+    page = PlotsPage.read(s["plots_html"])  # one interactive page: a plotly figure per plot, plotly.js once
+    assert Path(s["plots_html"]) == out / "plots" / "tune_plots.html"
+    assert page.sections == list(PLOTS) and set(page.figures) == set(PLOTS), page.skipped
+    assert page.plotly_js == 1 and page.script_srcs == []  # inlined: opens without network
     # Trial dirs keep metrics.json only: no checkpoints, no models.
     trial_dirs = sorted((out / "trials" / "psamf").iterdir())
     assert len(trial_dirs) == 2 and all([p.name for p in d.iterdir()] == ["metrics.json"] for d in trial_dirs)
@@ -121,6 +166,7 @@ def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tm
     assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 1
     assert child["params.psamf.tau"] is not None and child["params.train.epochs"] == str(cfg.tune.epochs)
     assert {"tune/best_params.json", "tune/summary.json"} <= {a.path for a in client.list_artifacts(tune_run.run_id, "tune")}
+    assert "tune/plots/tune_plots.html" in {a.path for a in client.list_artifacts(tune_run.run_id, "tune/plots")}
 
     # `psamf train --best-params` applies the dotted keys; an explicit --set still wins.
     args = ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml"), "--best-params",
@@ -234,18 +280,48 @@ def test_bad_input_is_one_line_input_error(root, tmp_path):
         assert res.exit_code == 2 and res.output.count("\n") == 1 and "psamf: error:" in res.output
 
 
+def test_the_worker_command_is_hidden_and_runs_without_the_console_script(tmp_path):
+    """`psamf tune-process` is not in `psamf --help`; `python -m psamf` reaches it (no PATH needed)
+    and bad input ends in the one-line error with exit code 2."""
+    from typer.testing import CliRunner
+
+    from psamf.cli import app
+    from psamf.tune import worker_argv
+
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0 and "tune " in res.output and "tune-process" not in res.output
+    argv = worker_argv(tmp_path / "missing.yaml", 3)
+    assert argv[:3] == [sys.executable, "-m", "psamf"] and "tune-process" in argv
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("psamf: error:") and "missing.yaml" in proc.stderr
+
+
 # ---- (b) PostgreSQL, two worker processes -------------------------------------------------------
 
 def test_two_worker_processes_share_one_postgres_study(root, tmp_path, pg_url, monkeypatch):
     import optuna
 
+    import psamf.tune.workers as tw
     from psamf.tune import tune
 
     monkeypatch.setenv("PSAMF_OPTUNA_STORAGE", pg_url)  # the env var wins over tune.storage
+    argvs: list[list[str]] = []
+    real_argv = tw.worker_argv
+
+    def spy(*args) -> list[str]:
+        argvs.append(real_argv(*args))
+        return argvs[-1]
+
+    monkeypatch.setattr(tw, "worker_argv", spy)  # patched where _run_worker_processes looks it up
     cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", "tune.n_trials=4", "tune.epochs=2",
                   "tune.study_name=shared", "tune.storage=sqlite:////nonexistent/never.db")
     s = tune(cfg, workers=2)
     assert [w["exit_code"] for w in s["workers"]] == [0, 0]  # no crash creating the schema
+    # The workers ran the hidden Typer command, which prints run_worker's result as YAML.
+    assert len(argvs) == 2 and all(a[1:3] == ["-m", "psamf"] and "tune-process" in a for a in argvs)
+    assert all("trials_run:" in Path(w["log"]).read_text() for w in s["workers"])
     assert s["storage"].startswith("postgresql+psycopg2://") and s["n_workers"] == 2
     study = optuna.load_study(study_name="shared", storage=pg_url)
     trials = study.get_trials()

@@ -1,0 +1,275 @@
+"""The study's report: best params, summaries, trials table, plots, and its MLflow logging.
+
+Outputs, atomic, in `<tune.out_dir>/<corpus>/`:
+
+    best_params.json   {"psamf.tau": .., "psamf.split_layer": .., "psamf.aux_lambda": ..}
+    summary.json       corpus, av_simulated, trials by state, best value / trial, pruned count,
+                       epochs run in total, retries, per-trial rows, worker exit codes, wall time
+    summary.md, trials.csv
+    plots/             optimization_history, param_importances, parallel_coordinate,
+                       intermediate_values as .png (matplotlib), and all of them in one
+                       interactive tune_plots.html (plotly, plotly.js inlined: works offline)
+    tune_config.yaml   the resolved config the workers ran with
+    trials/<study>/<n> one dir per trial: metrics.json (model.pt only with tune.keep_trial_models)
+    workers/           worker-<i>.log for worker processes
+
+MLflow: one `tune` run (params = config, metrics = best value / counts / epochs, the files
+above as artifacts), one nested child run per trial (the config incl. τ/N/λ as params, tags
+trial / state / retry_of / worker, metric valid_mae per epoch with step, value), and below it
+the `train` run train_psamf opens. Worker processes nest under the tune run through
+$PSAMF_PARENT_RUN_ID. Child runs of trials whose worker died are closed as KILLED at the end.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from psamf import tracking
+from psamf.config import Config
+from psamf.errors import InputError
+from psamf.io import atomic_path, write_json, write_text
+from psamf.redact import redact
+from psamf.tune.search import (PARAMS, encoder_depth, load_study, report_dir, storage_url, study_finished,
+                               trial_counts)
+
+log = logging.getLogger(__name__)
+
+ROW_COLUMNS = ["number", "state", "value", *PARAMS, "epochs", "best_epoch", "retry_of", "worker", "duration_s",
+               "fail_reason"]
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+PLOTS_HTML = "tune_plots.html"
+
+
+# ---------------------------------------------------------------------------- finishing a study
+
+def finish_study(cfg: Config) -> dict[str, Any]:
+    """After workers ran elsewhere (KFP's ParallelFor): check the study is complete, then write
+    and log the report as `tune` does."""
+    study = load_study(cfg)
+    if not study_finished(study, cfg):
+        c = trial_counts(study)
+        raise RuntimeError(f"tune: the study {cfg.tune.study_name} has {c['COMPLETE'] + c['PRUNED']} of "
+                           f"{cfg.tune.n_trials} finished trials after every worker task ended")
+    with tracking.stage_run(cfg, "tune", run_name=f"tune[{cfg.data.corpus}][report]",
+                            tags={"study": cfg.tune.study_name, "report": True}):
+        return finalize(cfg, study, {})
+
+
+def finalize(cfg: Config, study, extra: dict[str, Any]) -> dict[str, Any]:
+    """Drop stale checkpoints and runs, write the report, log it to the active `tune` run."""
+    _cleanup_checkpoints(cfg)
+    _close_dead_runs(study)
+    out = report_dir(cfg)
+    summary = tune_report(cfg, study, extra=extra)
+    tracking.log_metrics({"best_value": summary["best_value"], "n_complete": summary["trials_by_state"]["COMPLETE"],
+                          "n_pruned": summary["pruned"], "n_failed": summary["trials_by_state"]["FAIL"],
+                          "epochs_total": summary["epochs_total"], **({"wall_s": extra["wall_s"]} if "wall_s" in extra else {})})
+    for name in ("best_params.json", "summary.json", "summary.md", "trials.csv", "tune_config.yaml"):
+        tracking.log_artifact(out / name, "tune")
+    for p in [*summary["plots"].values(), summary["plots_html"]]:
+        if isinstance(p, str):
+            tracking.log_artifact(p, "tune/plots")
+    return summary
+
+
+def _cleanup_checkpoints(cfg: Config) -> None:
+    """After a complete study no trial will resume: drop checkpoints dead workers left behind."""
+    root = report_dir(cfg) / "trials" / cfg.tune.study_name
+    if root.is_dir():
+        for ckpt in root.glob("*/ckpt"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _close_dead_runs(study) -> None:
+    """MLflow runs of trials whose worker died stay RUNNING; mark them (and their children) KILLED."""
+    from optuna.trial import TrialState
+
+    if not tracking.enabled():
+        return
+    ids = [t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+    ids = [i for i in ids if i]
+    if not ids:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        for rid in ids:
+            run = client.get_run(rid)
+            children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{rid}'")
+            for r in [run, *children]:
+                if r.info.status == "RUNNING":
+                    client.set_terminated(r.info.run_id, status="KILLED")
+    except Exception as e:  # bookkeeping only: never fail a finished study over it
+        log.warning("tune: could not close MLflow runs of dead trials: %s", e)
+
+
+# ---------------------------------------------------------------------------- the report
+
+def _trial_row(t) -> dict[str, Any]:
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        retry_of = Retry.retried_trial_number(t)
+    dur = t.duration.total_seconds() if t.duration is not None else None
+    return {"number": t.number, "state": t.state.name, "value": t.value,
+            **{k: t.params.get(k) for k in PARAMS},
+            "epochs": len(t.intermediate_values), "best_epoch": t.user_attrs.get("best_epoch"),
+            "retry_of": retry_of, "worker": t.user_attrs.get("worker"),
+            "duration_s": None if dur is None else round(dur, 2), "fail_reason": t.user_attrs.get("fail_reason")}
+
+
+def _skip_reason(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _save_pngs(study, out: Path) -> dict[str, Any]:
+    """Optuna's plots as matplotlib PNGs: name -> path, or {"skipped": why}."""
+    import matplotlib
+    import optuna
+
+    from psamf.reports import save_figure
+
+    matplotlib.use("Agg", force=False)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
+    for name in PLOTS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = getattr(optuna.visualization.matplotlib, f"plot_{name}")(study)
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                files[name] = str(save_figure(fig, out / f"{name}.png"))
+        except Exception as e:  # e.g. importances need >= 2 complete trials with different values
+            files[name] = {"skipped": _skip_reason(e)}
+    return files
+
+
+def _plot_section(study, name: str, include_js: bool) -> tuple[str, bool]:
+    """One plot as an HTML <section>; True when it holds a figure (and so, maybe, plotly.js)."""
+    import optuna
+    import plotly.io as pio
+
+    title = f"<h2>{html.escape(name.replace('_', ' '))}</h2>"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig = getattr(optuna.visualization, f"plot_{name}")(study)
+    except Exception as e:  # same reasons as the PNG's
+        return f'<section id="{name}">{title}<p>skipped: {html.escape(_skip_reason(e))}</p></section>', False
+    div = pio.to_html(fig, full_html=False, include_plotlyjs=include_js, div_id=f"plot-{name}",
+                      default_height="520px", default_width="100%")
+    return f'<section id="{name}">{title}{div}</section>', True
+
+
+def _save_html(study, path: Path) -> Path:
+    """Every plot in one interactive page, plotly.js inlined once: cluster pods and KFP UIs may be offline."""
+    sections, need_js = [], True
+    for name in PLOTS:
+        section, drawn = _plot_section(study, name, include_js=need_js)
+        sections.append(section)
+        need_js = need_js and not drawn
+    title = html.escape(f"Optuna study {study.study_name}")
+    page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
+            f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")  # plotly.js has non-ASCII bytes; never the locale default
+    return path
+
+
+def _save_plots(study, out: Path) -> tuple[dict[str, Any], str]:
+    """PNGs per plot (README, bench) and the one interactive HTML (MLflow, KFP)."""
+    return _save_pngs(study, out), str(_save_html(study, out / PLOTS_HTML))
+
+
+def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write best_params.json, summary.json/.md, trials.csv and the plots from the study."""
+    from optuna.trial import TrialState
+
+    import pandas as pd
+
+    from psamf.reports import markdown_table, provenance, write_csv
+
+    if study is None:
+        study = load_study(cfg)
+    out = report_dir(cfg)
+    trials = study.get_trials(deepcopy=False)
+    rows = [_trial_row(t) for t in trials]
+    by_state = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    best_params = {k: best.params[k] for k in PARAMS} if best else None
+    av = next((t.user_attrs["av_simulated"] for t in trials if "av_simulated" in t.user_attrs), None)
+    finished = by_state["COMPLETE"] + by_state["PRUNED"]
+    summary: dict[str, Any] = {
+        "stage": "tune", "corpus": cfg.data.corpus, "av_simulated": av, "profile": cfg.profile,
+        "study_name": cfg.tune.study_name, "storage": redact(storage_url(cfg)), "direction": "minimize",
+        "objective": "valid MAE at the best epoch (PSA-MF, ablation: %s)" % cfg.psamf.ablation,
+        "n_trials": cfg.tune.n_trials, "n_trials_in_study": len(trials), "trials_by_state": by_state,
+        "complete": study_finished(study, cfg), "epoch_budget": cfg.tune.epoch_budget,
+        "best_value": best.value if best else None, "best_trial": best.number if best else None,
+        "best_params": best_params, "pruned": by_state["PRUNED"],
+        "epochs_total": sum(r["epochs"] for r in rows),
+        "epochs_if_unpruned": finished * cfg.tune.epochs,
+        "retried": [{"trial": r["number"], "retry_of": r["retry_of"]} for r in rows if r["retry_of"] is not None],
+        "search_space": {"psamf.tau": ["log-uniform", cfg.tune.tau_min, cfg.tune.tau_max],
+                         "psamf.split_layer": ["int", 1, encoder_depth(cfg.psamf.encoder) - 1],
+                         "psamf.aux_lambda": ["uniform", cfg.tune.lambda_min, cfg.tune.lambda_max]},
+        "sampler": {"name": "TPESampler", "seed": cfg.tune.seed, "n_startup_trials": cfg.tune.n_startup_trials},
+        "pruner": {"name": cfg.tune.pruner, "startup_trials": cfg.tune.pruner_startup_trials,
+                   "warmup_steps": cfg.tune.pruner_warmup_steps},
+        "epochs_per_trial": cfg.tune.epochs, "text_encoder": cfg.psamf.encoder,
+        "personality_encoder": cfg.psamf.personality_encoder,
+        "heartbeat": {"interval_s": cfg.tune.heartbeat_interval, "grace_period_s": cfg.tune.grace_period,
+                      "max_retry": cfg.tune.max_retry},
+        "trials": rows, **(extra or {}),
+    }
+    summary["plots"], summary["plots_html"] = _save_plots(study, out / "plots") if trials else ({}, None)
+    files = {"summary": str(out / "summary.json"), "summary_md": str(out / "summary.md"),
+             "trials_csv": str(out / "trials.csv")}
+    if best_params is not None:
+        write_json(out / "best_params.json", best_params)
+        files["best_params"] = str(out / "best_params.json")
+    summary["files"] = files
+    write_csv(out / "trials.csv", pd.DataFrame(rows, columns=ROW_COLUMNS))
+
+    md = [f"# Optuna study `{cfg.tune.study_name}` ({cfg.data.corpus})", "",
+          provenance(cfg.data.corpus, bool(av)), "",
+          f"Objective: {summary['objective']}, minimized. {finished}/{cfg.tune.n_trials} finished trials; "
+          f"states: {', '.join(f'{k} {v}' for k, v in by_state.items() if v)}. "
+          f"Epochs run: {summary['epochs_total']} (unpruned: {summary['epochs_if_unpruned']})"
+          + (f" of a budget of {cfg.tune.epoch_budget}." if cfg.tune.epoch_budget else "."), ""]
+    if best:
+        md += [f"Best: trial {best.number}, valid MAE {best.value:.4f}, "
+               + ", ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in best_params.items()),
+               "", f"Train with it: `psamf train --best-params {out / 'best_params.json'}`", ""]
+    md.append(markdown_table([{k: ("" if v is None else v) for k, v in r.items()} for r in rows], ["number", "state", "value", *PARAMS, "epochs", "retry_of", "duration_s"]))
+    write_text(out / "summary.md", "\n".join(md))
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def load_best_params(path: str | Path) -> dict[str, Any]:
+    """A best_params.json (dotted config keys -> values), checked to be a flat mapping."""
+    from psamf.io import read_json
+
+    p = Path(path)
+    data = read_json(p, "best-params file not found; run `psamf tune` first")
+    if not isinstance(data, dict) or not all(isinstance(k, str) and "." in k for k in data):
+        raise InputError(p, 'must be a JSON object of dotted config keys, e.g. {"psamf.tau": 0.1}')
+    bad = [k for k, v in data.items() if isinstance(v, (dict, list))]
+    if bad:
+        raise InputError(p, f"values must be scalars ({', '.join(bad)})")
+    return data
+
+
+def best_params_overrides(path: str | Path) -> list[str]:
+    """best_params.json as `--set`-style overrides (values JSON-encoded, which YAML reads back)."""
+    import json
+
+    return [f"{k}={json.dumps(v)}" for k, v in load_best_params(path).items()]
