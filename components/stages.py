@@ -91,10 +91,10 @@ def tune_worker(profile: str, overrides: List[str], params_yaml: str, fingerprin
 @component
 def tune_report(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
                 personality_model: Input[Model], workers: Input[List[Artifact]], best_params: Output[Artifact],
-                metrics: Output[Metrics]):
+                plots: Output[HTML], metrics: Output[Metrics]):
     from psamf.orchestration import tune_report_stage
     tune_report_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path,
-                      best_params.path, metrics)
+                      best_params.path, metrics, plots.path)
 
 
 @component

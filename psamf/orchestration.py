@@ -283,13 +283,16 @@ def tune_worker_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
 
 
 def tune_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
-                      personality: str, best_params: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
+                      personality: str, best_params: str, metrics: MetricsSink | None = None,
+                      plots: str | None = None) -> dict[str, Any]:
     from psamf.tune import finish_study, report_dir
 
     cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality,
                        str(Path(best_params).parent / "tune"))
     result = finish_study(cfg)
     shutil.copyfile(report_dir(cfg) / "best_params.json", best_params)
+    if plots:  # the interactive Optuna plots, rendered by the KFP UI as an HTML visualization
+        shutil.copyfile(result["plots_html"], plots)
     log_metrics(metrics, {"best_valid_mae": result.get("best_value")})
     return result
 

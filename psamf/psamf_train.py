@@ -20,6 +20,7 @@ Outputs, in `out_dir` (default `<train.out_dir>/<corpus>` for the full model,
     tokenizer/      the text tokenizer (and personality_tokenizer/ when it differs)
     metrics.json    the report `train_psamf` returns
     predictions.csv segment_id, speaker_id, split, label, pred for every segment (best epoch)
+    history.csv     one row per epoch: train loss and its parts, every valid metric
     ckpt/           fit's last.pt / best.pt while training; a rerun after `kill -9` resumes from
                     it exactly (same fingerprint); removed after success unless train.keep_checkpoints
 
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -57,6 +59,7 @@ from psamf.data.align import AV_NORMS, av_inputs
 from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.errors import InputError
 from psamf.io import atomic_dir, atomic_path, write_json
+from psamf.reports import write_csv
 from psamf.metrics import CONVENTIONS, regression_metrics
 from psamf.training import (PERSONALITY_PREFIX, Batch, BatchProgress, autocast, config_fingerprint, fit,
                             predict, resolve_device, seed_everything, to_device, tokenize, trim_padding)
@@ -318,6 +321,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
             report["valid"] = scores(model, "valid")
             report["test"] = scores(model, "test")
             write_predictions(out_dir / PREDICTIONS, ds, predict(model, tensors, pred_fn, batch_size=max(64, tc.batch_size)))
+            write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
             _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
                         av_simulated=ds.av_simulated)
             write_json(out_dir / "metrics.json", report)
@@ -339,6 +343,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
 
 
 PREDICTIONS = "predictions.csv"
+HISTORY = "history.csv"
 
 
 def write_predictions(path: Path, ds: PreparedDataset, preds: np.ndarray) -> Path:

@@ -72,6 +72,7 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     arts = {a.path for a in client.list_artifacts(loo.info.run_id, "loo_report")}
     assert {"loo_report/loo_chart.png", "loo_report/loo_table.csv"} <= arts
 
+    assert "plotly" in next((tmp_path / "kfp").glob("*/tune-report/plots")).read_text()  # KFP HTML output
     # The personalization report: on the parent run, and a KFP HTML output whose page names every LOO user.
     assert "personalization/personalization.html" in {a.path for a in client.list_artifacts(parent, "personalization")}
     pages = list((tmp_path / "kfp").glob("*/report/page"))
@@ -113,6 +114,11 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path):
     assert "PSA-MF" in (repo / "reports/personalization/personalization.html").read_text()
     metrics = _run([*dvc, "metrics", "show", "--json"], repo, env).stdout
     assert "fs_ua_kd.MAE" in metrics and "kd_mae_gain" in metrics
+    import json
+    plots = json.loads(_run([*dvc, "plots", "show", "--json"], repo, env).stdout)["data"]
+    curves = plots["psamf_training_curves"][0]["content"]["data"]["values"]
+    assert {"epoch", "valid_mae"} <= set(curves[0]) and len(curves) >= 2 * 1  # one point per epoch and y
+    assert plots["tune_trials"][0]["content"]["data"]["values"]
 
     second = _run([*dvc, "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout

@@ -214,3 +214,21 @@ def test_kfp_local_output_is_one_line_per_task_with_the_rest_in_a_log():
     assert lines[0].split()[:3] == ["[", "1]", "ingest"] and "success" in lines[0] and lines[0].endswith(" s")
     assert "validate" in lines[1] and "failure" in lines[1]
     assert "executor_input" in log.getvalue() and "executor_input" not in term.getvalue()
+
+
+def test_the_kfp_ui_gets_html_and_markdown_visualizations(compiled):
+    """Each report a person opens is a typed output the KFP UI renders, not a file in a bucket."""
+    spec, _ = compiled
+    tasks = _tasks(spec)
+
+    def outputs(task: str) -> dict[str, str]:
+        comp = spec["components"][tasks[task]["componentRef"]["name"]]
+        arts = comp.get("outputDefinitions", {}).get("artifacts", {})
+        return {name: a["artifactType"]["schemaTitle"] for name, a in arts.items()}
+
+    assert outputs("validate")["data_docs"] == "system.HTML"  # GX data docs
+    assert outputs("loo-report")["markdown"] == "system.Markdown"  # the LOO tables
+    assert outputs("tune-report")["plots"] == "system.HTML"  # interactive Optuna plots
+    assert outputs("report")["page"] == "system.HTML"  # the personalization report
+    for t in ("ingest", "validate", "loo-report", "tune-report", "train", "register", "report"):
+        assert outputs(t).get("metrics") == "system.Metrics", t
