@@ -28,6 +28,17 @@ def dialect(url: str, what: str = "tune.storage") -> str:
         raise InputError(what, f"not a SQLAlchemy URL: {redact(url)!r}") from None
 
 
+def with_driver(url: str, what: str = "tune.storage") -> str:
+    """PostgreSQL URLs go through psycopg 3, the driver psamf ships: `postgresql://` and
+    `postgresql+psycopg2://` (SQLAlchemy's default, not installed) are read as `postgresql+psycopg://`."""
+    from sqlalchemy.engine import make_url
+
+    if dialect(url, what) != "postgresql":
+        return url
+    u = make_url(url)
+    return url if u.drivername == "postgresql+psycopg" else u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
 def sqlite_file(url: str) -> Path | None:
     """The database file of a sqlite URL (None for other dialects and in-memory databases)."""
     from sqlalchemy.engine import make_url
@@ -52,7 +63,7 @@ class NamedLock:
             import sqlalchemy
 
             self.kind = "postgresql"
-            self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            self._engine = sqlalchemy.create_engine(with_driver(url, what), poolclass=sqlalchemy.pool.NullPool)
         elif sqlite_file(url) is not None:
             # In the temp dir, keyed by the database's absolute path: nothing to clean up next to it.
             self.kind = "sqlite"

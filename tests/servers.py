@@ -92,7 +92,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 def postgres_server(db: str = "psamf", password: str | None = None) -> Iterator[str]:
     """A fresh PostgreSQL cluster on 127.0.0.1:<free port> with database `db`.
 
-    Yields `postgresql+psycopg2://postgres@127.0.0.1:PORT/DB` (trust auth), or with `password`
+    Yields `postgresql+psycopg://postgres@127.0.0.1:PORT/DB` (trust auth), or with `password`
     the same URL with that password, which TCP clients must then give (scram-sha-256), as on a
     real server. As root the cluster runs as the `postgres` user (the server refuses root).
     Skips the test when no binaries exist.
@@ -134,7 +134,7 @@ def postgres_server(db: str = "psamf", password: str | None = None) -> Iterator[
         subprocess.run([*prefix, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
                        check=True, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password or ""})
         userinfo = "postgres" if password is None else f"postgres:{password}"
-        yield f"postgresql+psycopg2://{userinfo}@127.0.0.1:{port}/{db}"
+        yield f"postgresql+psycopg://{userinfo}@127.0.0.1:{port}/{db}"
     finally:
         if started:
             r = subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30",

@@ -356,7 +356,7 @@ def test_mlflow_deployment_as_specified(rendered):
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "psamf-mlflow-admin"
     assert "POSTGRES_PASSWORD" not in env  # the server logs in as its own role, not the superuser
     uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
-    assert uri == "postgresql+psycopg2://$(MLFLOW_DB_USER):$(MLFLOW_DB_PASSWORD)@postgres:5432/mlflow"
+    assert uri == "postgresql+psycopg://$(MLFLOW_DB_USER):$(MLFLOW_DB_PASSWORD)@postgres:5432/mlflow"
     names = [e["name"] for e in c["env"]]  # the kubelet expands $(VAR) only from variables defined before
     assert names.index("MLFLOW_DB_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI")
     ini = _find(rendered["base"], "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"]
@@ -497,7 +497,7 @@ def test_init_env_makes_consistent_random_secrets(tmp_path):
     pg = made["postgres.env"]
     assert re.fullmatch(r"[0-9a-f]{48}", pg["POSTGRES_PASSWORD"])
     assert made["optuna.env"]["PSAMF_OPTUNA_STORAGE"] == (
-        f"postgresql+psycopg2://{pg['OPTUNA_DB_USER']}:{pg['OPTUNA_DB_PASSWORD']}"
+        f"postgresql+psycopg://{pg['OPTUNA_DB_USER']}:{pg['OPTUNA_DB_PASSWORD']}"
         "@postgres.psamf.svc.cluster.local:5432/optuna")  # the least-privilege role, not the superuser
     passwords = [pg["POSTGRES_PASSWORD"], pg["OPTUNA_DB_PASSWORD"], pg["MLFLOW_DB_PASSWORD"],
                  made["s3.env"]["AWS_SECRET_ACCESS_KEY"], made["minio-root.env"]["MINIO_ROOT_PASSWORD"],

@@ -322,7 +322,7 @@ def test_two_worker_processes_share_one_postgres_study(root, tmp_path, pg_url, m
     # The workers ran the hidden Typer command, which prints run_worker's result as YAML.
     assert len(argvs) == 2 and all(a[1:3] == ["-m", "psamf"] and "tune-process" in a for a in argvs)
     assert all("trials_run:" in Path(w["log"]).read_text() for w in s["workers"])
-    assert s["storage"].startswith("postgresql+psycopg2://") and s["n_workers"] == 2
+    assert s["storage"].startswith("postgresql+psycopg://") and s["n_workers"] == 2
     study = optuna.load_study(study_name="shared", storage=pg_url)
     trials = study.get_trials()
     assert len(trials) == 4 and finished(s) == 4  # exactly n_trials, none over
@@ -435,3 +435,12 @@ def test_a_killed_workers_trial_fails_is_retried_and_the_study_completes(root, t
     assert mlflow.tracking.MlflowClient().get_run(run_id).info.status == "KILLED"
     # No checkpoint is left behind once the study is complete.
     assert not list((tmp_path / "tune" / "synthetic" / "trials").glob("*/*/ckpt"))
+
+
+def test_postgresql_urls_use_psycopg3_whatever_driver_they_name():
+    from psamf.locks import with_driver
+
+    for given in ("postgresql://u:p%40ss@h:5432/db", "postgresql+psycopg2://u:p%40ss@h:5432/db",
+                  "postgresql+psycopg://u:p%40ss@h:5432/db"):
+        assert with_driver(given) == "postgresql+psycopg://u:p%40ss@h:5432/db"  # the password survives, escaped
+    assert with_driver("sqlite:///x/optuna.db") == "sqlite:///x/optuna.db"

@@ -42,7 +42,7 @@ from typing import Any, Callable
 from psamf import tracking
 from psamf.config import Config
 from psamf.errors import InputError
-from psamf.locks import dialect, sqlite_file
+from psamf.locks import dialect, sqlite_file, with_driver
 from psamf.metrics import NonFiniteError
 from psamf.redact import redact
 
@@ -58,8 +58,8 @@ SCHEMA_RETRIES = 4
 # ---------------------------------------------------------------------------- storage and study
 
 def storage_url(cfg: Config) -> str:
-    """`$PSAMF_OPTUNA_STORAGE`, else tune.storage."""
-    return os.environ.get(STORAGE_ENV) or cfg.tune.storage
+    """`$PSAMF_OPTUNA_STORAGE`, else tune.storage (PostgreSQL through psycopg 3: locks.with_driver)."""
+    return with_driver(os.environ.get(STORAGE_ENV) or cfg.tune.storage)
 
 
 def _prepare_sqlite(url: str) -> None:
