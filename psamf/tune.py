@@ -90,7 +90,7 @@ from typing import Any, Callable
 import yaml
 
 from psamf import tracking
-from psamf.config import Config, load_config
+from psamf.config import PRUNERS, Config, load_config
 from psamf.errors import InputError
 from psamf.io import write_json, write_text
 from psamf.locks import NamedLock, dialect, sqlite_file
@@ -102,7 +102,6 @@ log = logging.getLogger(__name__)
 
 STORAGE_ENV = "PSAMF_OPTUNA_STORAGE"
 PARAMS = ("psamf.tau", "psamf.split_layer", "psamf.aux_lambda")
-PRUNERS = ("median", "hyperband", "none")
 SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_RETRIES = 4
 MAX_WAIT_POLL_S = 5.0
@@ -260,28 +259,6 @@ def encoder_depth(name_or_path: str) -> int:
     if not isinstance(depth, int):
         raise InputError(name_or_path, "the encoder's config has no num_hidden_layers")
     return depth
-
-
-def check_tune_config(cfg: Config) -> None:
-    tc = cfg.tune
-    if tc.n_trials < 1:
-        raise InputError("tune.n_trials", f"must be >= 1, got {tc.n_trials}")
-    if tc.epochs < 1:
-        raise InputError("tune.epochs", f"must be >= 1, got {tc.epochs}")
-    if not 0 < tc.tau_min <= tc.tau_max:
-        raise InputError("tune.tau_min", f"need 0 < tau_min <= tau_max, got {tc.tau_min}, {tc.tau_max}")
-    if not tc.lambda_min <= tc.lambda_max:
-        raise InputError("tune.lambda_min", f"need lambda_min <= lambda_max, got {tc.lambda_min}, {tc.lambda_max}")
-    if tc.pruner not in PRUNERS:
-        raise InputError("tune.pruner", f"unknown pruner {tc.pruner!r} (choose from {', '.join(PRUNERS)})")
-    for key in ("heartbeat_interval", "grace_period"):
-        v = getattr(tc, key)
-        if v is not None and v < 1:
-            raise InputError(f"tune.{key}", f"must be >= 1 (seconds) or null, got {v}")
-    if tc.epoch_budget is not None and tc.epoch_budget < tc.epochs:
-        raise InputError("tune.epoch_budget", f"must be >= tune.epochs ({tc.epochs}) or null, got {tc.epoch_budget}")
-    if tc.max_retry is not None and tc.max_retry < 0:
-        raise InputError("tune.max_retry", f"must be >= 0 or null, got {tc.max_retry}")
 
 
 def suggest(trial, cfg: Config, depth: int) -> dict[str, Any]:
@@ -462,7 +439,6 @@ def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=No
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    check_tune_config(cfg)
     t0 = time.perf_counter()
     if study is None:
         study = load_study(cfg, worker=worker, parallel=parallel)
@@ -509,11 +485,9 @@ def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=No
 # ---------------------------------------------------------------------------- the stage
 
 def _preflight(cfg: Config) -> int:
-    """Fail before any worker starts: config, data, encoders. Returns the encoder depth L."""
-    from psamf.psamf_train import check_personality_encoder, check_psamf_config
+    """Fail before any worker starts: data, encoders. Returns the encoder depth L."""
+    from psamf.psamf_train import check_personality_encoder
 
-    check_tune_config(cfg)
-    check_psamf_config(cfg)
     seg = cfg.data.prepared_path / "segments.parquet"
     if not seg.is_file():
         raise InputError(seg, "missing; run `psamf data ingest` first")

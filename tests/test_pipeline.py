@@ -174,11 +174,11 @@ def test_a_task_reads_the_pipeline_params_text_not_the_local_file(tmp_path, monk
     from psamf.orchestration import stage_config
 
     monkeypatch.chdir(tmp_path)  # a pod: no params.yaml in the working dir
-    text = (REPO / "params.yaml").read_text().replace("d_model: 30", "d_model: 12", 1)
+    text = (REPO / "params.yaml").read_text().replace("d_model: 30", "d_model: 10", 1)
     cfg = stage_config("smoke", ["user_adapter.hidden=7"], text)
-    assert cfg.mult.d_model == 16  # the smoke profile's value, merged over the file's 12
+    assert cfg.mult.d_model == 16  # the smoke profile's value, merged over the file's 10
     assert cfg.user_adapter.hidden == 7 and cfg.profile == "smoke"
-    assert stage_config("demo", [], text).mult.d_model == 12
+    assert stage_config("demo", [], text).mult.d_model == 10
 
 
 def test_dvc_stages_mirror_the_pipeline():

@@ -43,18 +43,17 @@ def corpus_sources(cfg: Config) -> CorpusSources:
         d = cfg.data.raw_path
         return CorpusSources(*(d / csd_name(corpus, r) for r in ("labels", "audio", "visual")),
                              d / "transcripts.csv", d / "standard_folds.json")
-    if corpus == "mosi":
-        sdk, sim = cfg.data.mosi_path, cfg.data.raw_path
-        av = {}
-        for role in ("audio", "visual"):
-            name = csd_name(corpus, role)
-            av[role] = sdk / name if (sdk / name).is_file() else sim / name
-            if not av[role].is_file():
-                raise InputError(sdk / name, f"no {role} CSD here or in {sim}; run `psamf data simulate-av` "
-                                             "or put the SDK's file there")
-        return CorpusSources(sdk / csd_name(corpus, "labels"), av["audio"], av["visual"],
-                             sdk / "transcripts.csv", sdk / "standard_folds.json")
-    raise InputError("data.corpus", f"unknown corpus {corpus!r} (synthetic | mosi)")
+    # mosi, the only other one of config.CORPORA
+    sdk, sim = cfg.data.mosi_path, cfg.data.raw_path
+    av = {}
+    for role in ("audio", "visual"):
+        name = csd_name(corpus, role)
+        av[role] = sdk / name if (sdk / name).is_file() else sim / name
+        if not av[role].is_file():
+            raise InputError(sdk / name, f"no {role} CSD here or in {sim}; run `psamf data simulate-av` "
+                                         "or put the SDK's file there")
+    return CorpusSources(sdk / csd_name(corpus, "labels"), av["audio"], av["visual"],
+                         sdk / "transcripts.csv", sdk / "standard_folds.json")
 
 
 def _check_dim(seq: ComputationalSequence, path: Path, want: int) -> None:
