@@ -205,6 +205,25 @@ def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
         echo_json(loo(cfg))
 
 
+LOO_SLOTS_FILE = Path("loo_slots.yaml")  # dvc.yaml's `vars`
+
+
+@app.command("loo-slots")
+@one_line_errors
+def loo_slots_cmd(params: ParamsOpt = None,
+                  out: Annotated[Path, typer.Option(help="the vars file dvc.yaml reads")] = LOO_SLOTS_FILE) -> None:
+    """Write dvc.yaml's LOO rank slots from data.loo_users (DVC's foreach cannot count to K itself).
+
+    No --profile/--set: `dvc repro` runs with the params file as it is, so the slots must too."""
+    from psamf.config import load_config, loo_rank_slots
+    from psamf.io import write_text
+
+    ranks = loo_rank_slots(load_config(params))
+    write_text(out, "# Written by `psamf loo-slots` (`make loo_slots.yaml`) from params.yaml's data.loo_users; "
+                    f"do not edit.\nloo_ranks: {ranks}\n")
+    typer.echo(f"{out}: loo_ranks {ranks}")
+
+
 @app.command("demo")
 @one_line_errors
 def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,

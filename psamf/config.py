@@ -450,6 +450,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise InputError("params", f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+def loo_rank_slots(cfg: Config | None = None) -> list[int]:
+    """The LOO rank slots DVC and KFP fan out over, 0 = the speaker with the most segments: one
+    per data.loo_users of `cfg` (default: the dataclass defaults, equal to params.yaml's)."""
+    return list(range((cfg or Config()).data.loo_users))
+
+
 def default_params_path() -> Path:
     return Path(os.environ.get("PSAMF_PARAMS", "params.yaml"))
 
