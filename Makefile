@@ -29,5 +29,9 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# dvc.yaml's LOO rank slots follow params.yaml's data.loo_users (DVC's foreach cannot count).
+loo_slots.yaml: params.yaml | venv
+	$(BIN)/psamf loo-slots --out $@
+
 clean:
 	rm -rf data/raw data/prepared reports models mlruns.db mlartifacts

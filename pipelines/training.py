@@ -10,8 +10,9 @@ Parameters: `profile`, `overrides` (`section.key=value`) and `params_yaml` (the 
 params file; '' = the image's params.yaml) reach every task, exactly like `psamf --params
 --profile --set`. `data_source` names the corpus (psamf.data.source): `synthetic`, `dvc`,
 `dvc:<md5>[@<remote>]` or `s3://bucket/prefix`. `loo_ranks` are LOO user slots (0 = the
-speaker with the most segments; slots beyond data.loo_users finish at once); `tune_workers`
-are the Optuna worker ranks, one pod (and GPU) each, sharing one PostgreSQL study.
+speaker with the most segments; default: one per data.loo_users; slots beyond it finish at
+once); `tune_workers` are the Optuna worker ranks, one pod (and GPU) each, sharing one
+PostgreSQL study.
 
 Skipping unchanged work is KFP's cache, not a step of ours. `fingerprint` is the only task
 that always runs: it reads the data version from the source without downloading it and hashes
@@ -25,6 +26,7 @@ from typing import List
 from kfp import dsl, kubernetes
 
 from components import stages
+from psamf.config import loo_rank_slots
 
 # Only these request a GPU on a cluster (kfp.local ignores resources): the few full-batch
 # finetune steps, the encoder fine-tuning of `personality` and the data stages do not need one.
@@ -114,7 +116,7 @@ def train_and_register(profile: str, overrides: List[str], params_yaml: str, fin
 @dsl.pipeline(name="psamf-training", description="Personalized MulT LOO + PSA-MF search/train + registry gate")
 def training(profile: str = "demo", overrides: List[str] = [],  # noqa: B006 - KFP parameter default
              params_yaml: str = "", data_source: str = "synthetic",
-             loo_ranks: List[int] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # noqa: B006
+             loo_ranks: List[int] = loo_rank_slots(),  # noqa: B006,B008 - data.loo_users at compile time
              tune_workers: List[int] = [0], run_name: str = "kfp") -> None:  # noqa: B006
     common = {"profile": profile, "overrides": overrides, "params_yaml": params_yaml}
     fp = configure(stages.fingerprint(data_source=data_source, run_name=run_name, **common), "fingerprint",

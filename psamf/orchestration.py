@@ -205,30 +205,29 @@ def personality_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
 
 def pretrain_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    rank: int, model: str) -> dict[str, Any] | None:
-    from psamf.personalized import pretrain, user_at_rank
+    from psamf.personalized import pretrain, skipped_slot_file, user_at_rank, write_skipped_slot
 
     set_task_threads(in_loo_loop=True)
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
                        extra=[f"pretrain.out_dir={model}"])
     user = user_at_rank(cfg, rank)
     if user is None:  # a rank slot beyond data.loo_users
-        Path(model).mkdir(parents=True, exist_ok=True)
+        write_skipped_slot(cfg, skipped_slot_file(cfg, model, rank), rank)
         return None
     return pretrain(cfg, user)
 
 
 def finetune_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    rank: int, pretrained: str, report: str) -> dict[str, Any] | None:
-    """Writes the user's finetune report JSON to `report` (an empty JSON object for a skipped slot)."""
-    from psamf.io import write_json
-    from psamf.personalized import finetune, user_at_rank
+    """Writes the user's finetune report JSON to `report` (the skipped-slot marker for a skipped slot)."""
+    from psamf.personalized import finetune, user_at_rank, write_skipped_slot
 
     set_task_threads(in_loo_loop=True)
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
                        extra=[f"pretrain.out_dir={pretrained}"])
     user = user_at_rank(cfg, rank)
     if user is None:
-        write_json(report, {})
+        write_skipped_slot(cfg, report, rank)
         return None
     return finetune(cfg, user, report_path=report)
 
@@ -239,8 +238,7 @@ def loo_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, f
     from psamf.personalized import tracked_loo_report
 
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset)
-    files = [Path(p) for p in reports if json.loads(Path(p).read_text() or "{}")]  # drop skipped slots
-    summary = tracked_loo_report(cfg, report_files=files, out_dir=out_dir)
+    summary = tracked_loo_report(cfg, report_files=[Path(p) for p in reports], out_dir=out_dir)
     shutil.copyfile(summary["files"]["markdown"], markdown)
     log_metrics(metrics, {f"{v}_{m}": x for v, ms in summary["averages"].items() for m, x in ms.items()})
     return summary

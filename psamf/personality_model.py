@@ -108,8 +108,6 @@ def cap_train(df: pd.DataFrame, max_clips: int | None, seed: int) -> pd.DataFram
     """Keep at most `max_clips` train clips: whole speakers in a seeded order (valid/test untouched)."""
     if max_clips is None:
         return df
-    if max_clips < 1:
-        raise InputError("personality.max_train_clips", f"must be >= 1 or null, got {max_clips}")
     train = df[df["split"] == "train"]
     if len(train) <= max_clips:
         return df

@@ -313,12 +313,29 @@ def user_at_rank(cfg: Config, rank: int) -> str | None:
     return users[rank] if 0 <= rank < len(users) else None
 
 
+def skipped_slot_file(cfg: Config, out_dir: str | Path, rank: int) -> Path:
+    """Where a stage whose outputs go to `out_dir` puts a skipped slot's marker: beside the
+    `<out_dir>/<corpus>/...` outputs it would have written, so report globs find it."""
+    return Path(out_dir) / cfg.data.corpus / f"rank{rank}-skipped.json"
+
+
+def write_skipped_slot(cfg: Config, path: str | Path, rank: int) -> Path:
+    """The one marker of a rank slot at or beyond data.loo_users, written by the CLI (so dvc)
+    and KFP alike: the stage finishes with an output, and is_skipped_slot tells it from a report."""
+    return write_json(path, {"skipped": True, "rank": rank, "loo_users": cfg.data.loo_users})
+
+
+def is_skipped_slot(report: Any) -> bool:
+    return isinstance(report, dict) and report.get("skipped") is True
+
+
 def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[Path] | None = None,
                out_dir: str | Path | None = None) -> dict[str, Any]:
     """Collect per-user finetune reports into the paper's table layout (+ CIs), CSV, MD, PNG.
 
     By default reads <finetune.out_dir>/<corpus>/<user>.json for the LOO users; orchestrators
-    that kept each user's report elsewhere pass `report_files` instead."""
+    that kept each user's report elsewhere pass `report_files` instead (skipped slots' markers
+    among them are passed over)."""
     import json
 
     from psamf.reports import conventions_note, markdown_table, provenance, save_figure, write_csv, write_text
@@ -328,8 +345,10 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
         for p in report_files:
             try:
                 rep = json.loads(Path(p).read_text())
+                if is_skipped_slot(rep):
+                    continue
                 by_user[rep["user"]] = rep
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise InputError(p, f"not a finetune report ({e})") from None
         order = {u: i for i, u in enumerate(loo_users(cfg))}
         users = sorted(by_user, key=lambda u: (order.get(u, len(order)), u))

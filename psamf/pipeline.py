@@ -35,15 +35,14 @@ def pipeline_arguments(profile: str | None, overrides: Sequence[str], params: st
                        data_source: str = "synthetic", ranks: int | None = None,
                        run_name: str = "kfp") -> dict[str, Any]:
     """The pipeline's parameters; the config is loaded here first so a bad key fails before any task."""
-    from psamf.config import load_config
+    from psamf.config import load_config, loo_rank_slots
     from psamf.io import read_text
 
     cfg = load_config(params, profile, list(overrides))
-    k = cfg.data.loo_users if ranks is None else ranks
     return {"profile": cfg.profile, "overrides": list(overrides),
             "params_yaml": read_text(params) if params else "", "data_source": data_source,
-            "loo_ranks": list(range(k)), "tune_workers": list(range(max(1, cfg.tune.workers))),
-            "run_name": run_name}
+            "loo_ranks": loo_rank_slots(cfg) if ranks is None else list(range(ranks)),
+            "tune_workers": list(range(max(1, cfg.tune.workers))), "run_name": run_name}
 
 
 def compile_pipeline(path: str | Path) -> Path:

@@ -55,7 +55,7 @@ from torch import nn
 from psamf import tracking
 from psamf.checkpoints import store_for
 from psamf.config import Config, TrainConfig, saved_psamf_config
-from psamf.data.align import AV_NORMS, av_inputs
+from psamf.data.align import av_inputs
 from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.errors import InputError
 from psamf.io import atomic_dir, atomic_path, write_json
@@ -87,29 +87,6 @@ def default_out_dir(cfg: Config, kind: str = "psamf") -> Path:
     if kind == "text_baseline":
         return base / "text_baseline"
     return base if cfg.psamf.ablation == "none" else base / cfg.psamf.ablation
-
-
-# transformers.get_scheduler names that need no extra arguments
-LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-def check_psamf_config(cfg: Config) -> None:
-    from psamf.models.psamf import ABLATIONS
-
-    if cfg.psamf.ablation not in ABLATIONS:
-        raise InputError("psamf.ablation",
-                         f"unknown ablation {cfg.psamf.ablation!r} (choose from {', '.join(ABLATIONS)})")
-    if cfg.psamf.tau <= 0:
-        raise InputError("psamf.tau", f"must be > 0, got {cfg.psamf.tau}")
-    if cfg.psamf.max_len < 2:
-        raise InputError("psamf.max_len", f"must be >= 2, got {cfg.psamf.max_len}")
-    if cfg.psamf.av_norm not in AV_NORMS:
-        raise InputError("psamf.av_norm", f"unknown {cfg.psamf.av_norm!r} (choose from {', '.join(AV_NORMS)})")
-    if cfg.train.lr_schedule not in LR_SCHEDULES:
-        raise InputError("train.lr_schedule",
-                         f"unknown {cfg.train.lr_schedule!r} (choose from {', '.join(LR_SCHEDULES)})")
-    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
-        raise InputError("train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio}")
 
 
 def check_personality_encoder(cfg: Config) -> None:
@@ -406,7 +383,6 @@ def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -
     av_simulated, ablation, out_dir, model_dir (and more)."""
     from psamf.models.psamf import PSAMF
 
-    check_psamf_config(cfg)
     ds = load_split_data(cfg)
     check_personality_encoder(cfg)
     ablation = cfg.psamf.ablation
@@ -419,7 +395,7 @@ def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -
 
     seed_everything(cfg.train.seed)
     try:
-        model = PSAMF.from_config(cfg, audio_dim, visual_dim)
+        model = PSAMF.from_config(cfg.psamf, audio_dim, visual_dim)
     except ValueError as e:
         raise InputError("psamf", str(e).splitlines()[0]) from None
     model.to(device)
@@ -449,7 +425,6 @@ def train_text_baseline(cfg: Config, *, out_dir: str | Path | None = None) -> di
     """The text-only baseline on the same encoder, data, loop and metrics (L1 loss)."""
     from psamf.models.encoders import load_encoder
 
-    check_psamf_config(cfg)
     ds = load_split_data(cfg)
     device = resolve_device(cfg.train.device)
     amp = bool(cfg.train.amp) and device.type == "cuda"

@@ -28,7 +28,7 @@ The rule, `decide(challenger, champion, cfg)`, is a pure function:
    TOL = 1e-9 absorbs float rounding: an MAE gain that only float noise separates from the
    margin is not a gain, so a tie keeps the champion. An Acc2 drop exactly at the margin
    (up to rounding) is allowed. A negative margin would let a worse model through, so
-   margins must be >= 0 (ValueError otherwise).
+   margins must be >= 0 (config.py refuses others when the config is built).
 
 `register()` applies the rule to a new registry version. It never creates a second version
 for the same (run_id, model name): it searches the model's versions by run_id first. A
@@ -106,16 +106,8 @@ def _num(d: dict[str, Any] | None, key: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def check_margins(cfg: RegistryConfig) -> None:
-    for name in ("mae_margin", "acc2_margin"):
-        v = getattr(cfg, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"registry.{name} must be a finite number >= 0, got {v!r}")
-
-
 def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, cfg: RegistryConfig) -> Decision:
     """Promote the challenger or not. Each side: {"mae", "non0_acc2", "test_set_id"}. Pure."""
-    check_margins(cfg)
     c_mae, c_acc = _num(challenger, "mae"), _num(challenger, "non0_acc2")
     if champion is None:
         if c_mae is None or c_acc is None:
@@ -263,7 +255,6 @@ def register(cfg: Config, run_id: str, model_uri: str, metrics: dict[str, float]
     order makes a crash at any step safe to rerun: the decision and its numbers are written as
     tags first (`gate.decision`), then the alias moves, then `gate.verdict` marks it done; a
     rerun that finds a version without a verdict applies the recorded decision."""
-    check_margins(cfg.registry)
     client = client_for(cfg)
     _ensure_model(client, model_name)
     with gate_lock(cfg, model_name):
@@ -436,7 +427,6 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
     if not tracking.enabled():
         raise InputError("PSAMF_TRACKING", "register needs MLflow tracking; unset PSAMF_TRACKING=off")
     name = registered_name(cfg, which)
-    check_margins(cfg.registry)
     ds = load_prepared(cfg.data.prepared_path)
     if which == "mult":
         from psamf.personalized import pretrain_dir

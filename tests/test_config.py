@@ -53,6 +53,71 @@ def test_bad_overrides_name_the_key(override, message):
         load_config("params.yaml", "smoke", [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.corpus=imdb", "data.corpus must be one of synthetic, mosi, got 'imdb'"),
+    ("data.nonfinite=drop", "data.nonfinite must be one of zero, error, got 'drop'"),
+    ("data.max_csd_mb=0", "data.max_csd_mb must be >= 1, got 0"),
+    ("data.loo_users=0", "data.loo_users must be >= 1, got 0"),
+    ("personality.max_train_clips=0", "personality.max_train_clips must be >= 1, got 0"),
+    ("mult.n_heads=3", "mult.d_model must be a multiple of mult.n_heads (3), got 16"),
+    ("user_adapter.position=middle", "user_adapter.position must be one of end, start, got 'middle'"),
+    ("user_adapter.prompt_len=0", "user_adapter.prompt_len must be >= 1, got 0"),
+    ("psamf.ablation=nope", "psamf.ablation must be one of none, no_personality, no_prefusion, "
+                            "no_enhanced_fusion, no_ps, no_clm, got 'nope'"),
+    ("psamf.sim_weight=cosine", "psamf.sim_weight must be one of affine, raw, clamp, got 'cosine'"),
+    ("psamf.prefusion_text=words", "psamf.prefusion_text must be one of cls, tokens, got 'words'"),
+    ("psamf.av_norm=video", "psamf.av_norm must be one of none, speaker, got 'video'"),
+    ("psamf.tau=-1", "psamf.tau must be > 0, got -1.0"),
+    ("psamf.max_len=1", "psamf.max_len must be >= 2, got 1"),
+    ("psamf.split_layer=0", "psamf.split_layer must be >= 1, got 0"),
+    ("train.lr_schedule=step", "train.lr_schedule must be one of constant, linear, cosine, got 'step'"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio must be < 1, got 1.5"),
+    ("train.device=tpu", "train.device must be one of auto, cpu, cuda, got 'tpu'"),
+    ("tune.pruner=nope", "tune.pruner must be one of median, hyperband, none, got 'nope'"),
+    ("tune.n_trials=0", "tune.n_trials must be >= 1, got 0"),
+    ("tune.tau_min=0", "tune.tau_min must be > 0, got 0.0"),
+    ("tune.tau_min=0.9", "tune.tau_min must be <= tune.tau_max (0.5), got 0.9"),
+    ("tune.lambda_min=2", "tune.lambda_min must be <= tune.lambda_max (1.0), got 2.0"),
+    ("tune.epoch_budget=0", "tune.epoch_budget must be >= tune.epochs (1), got 0"),
+    ("tune.heartbeat_interval=0", "tune.heartbeat_interval must be >= 1, got 0"),
+    ("tune.max_retry=-1", "tune.max_retry must be >= 0, got -1"),
+    ("registry.mae_margin=-0.1", "registry.mae_margin must be >= 0, got -0.1"),
+    ("registry.acc2_margin=.inf", "registry.acc2_margin must be a finite number, got inf"),
+])
+def test_bad_values_fail_at_load_naming_the_key(override, message):
+    with pytest.raises(InputError) as e:
+        load_config("params.yaml", "smoke", [override])
+    assert str(e.value) == f"params: {message}"
+
+
+def test_null_turns_an_optional_checked_key_off():
+    cfg = load_config("params.yaml", "smoke", ["tune.epoch_budget=null", "tune.grace_period=null",
+                                               "tune.max_retry=null", "personality.max_train_clips=null"])
+    assert cfg.tune.epoch_budget is cfg.tune.grace_period is cfg.personality.max_train_clips is None
+
+
+def test_checks_name_real_keys_and_hold_for_any_way_a_section_is_built():
+    import dataclasses
+
+    from psamf.config import CHOICES, RANGES, PsamfConfig, RegistryConfig
+
+    for section, key in [*CHOICES, *RANGES]:
+        assert key in {f.name for f in dataclasses.fields(getattr(Config(), section))}, (section, key)
+    for (section, key), rules in RANGES.items():
+        for _, bound in rules:
+            assert not isinstance(bound, str) or hasattr(getattr(Config(), section), bound), (section, bound)
+    with pytest.raises(InputError, match="psamf.tau must be > 0"):
+        dataclasses.replace(PsamfConfig(), tau=0.0)
+    with pytest.raises(InputError, match="registry.mae_margin must be >= 0"):
+        RegistryConfig(mae_margin=-1.0)
+
+
+def test_a_bad_value_is_one_line_and_exit_2_on_the_cli():
+    run = subprocess.run([sys.executable, "-m", "psamf.cli", "config", "--set", "psamf.tau=-1"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr == "psamf: error: params: psamf.tau must be > 0, got -1.0\n"
+
+
 def test_unknown_profile_and_bad_yaml(tmp_path):
     with pytest.raises(InputError, match="unknown profile 'fast'"):
         load_config("params.yaml", "fast")
@@ -91,6 +156,10 @@ def test_a_saved_model_without_newer_keys_loads_as_it_was_trained():
     old = saved_psamf_config({"tau": 0.2, "split_layer": 3, "from_a_newer_psamf": 1})
     assert old.tau == 0.2 and old.split_layer == 3
     assert {k: getattr(old, k) for k in SAVED_PSAMF_DEFAULTS} == SAVED_PSAMF_DEFAULTS
+    # before prefusion_text and av_gate existed the model fed [CLS_s, X_v, X_a], ungated
+    assert old.prefusion_text == "cls" and old.av_gate is False
+    with pytest.raises(InputError, match="psamf.ablation must be one of"):
+        saved_psamf_config({"ablation": "no_text"})  # a saved config is checked like a loaded one
     assert SAVED_PSAMF_DEFAULTS != {k: getattr(PsamfConfig(), k) for k in SAVED_PSAMF_DEFAULTS}
     import dataclasses
 

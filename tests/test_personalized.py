@@ -210,3 +210,40 @@ def test_report_without_a_psamf_model_says_so_per_row(loo_run, tmp_path):
     assert psamf_rows and all(r["MAE"] is None and "psamf train" in r["note"] for r in psamf_rows)
     cold = [r for r in rep["rows"] if r["model"] == "cold_start"]
     assert all(r["MAE"] is not None and r["MAE_lo"] <= r["MAE"] <= r["MAE_hi"] for r in cold)
+
+
+def test_a_skipped_slot_is_one_marker_in_cli_and_kfp_that_the_report_passes_over(corpus, tmp_path, monkeypatch):
+    """A rank slot at or beyond data.loo_users: the CLI (so dvc) and the KFP stages write the same
+    marker, and loo_report, given it among the users' reports (dvc's glob, KFP's Collected), skips it."""
+    import torch
+
+    from psamf.orchestration import finetune_stage, pretrain_stage
+    from psamf.personalized import is_skipped_slot, loo_report
+
+    root, cfg = corpus
+    rank = cfg.data.loo_users  # the first slot beyond K
+    marker = {"skipped": True, "rank": rank, "loo_users": cfg.data.loo_users}
+    args = [sys.executable, "-m", "psamf.cli", "finetune", "--rank", str(rank), "--profile", "smoke",
+            "--params", str(REPO / "params.yaml")]
+    for o in smoke_overrides(root) + [f"finetune.out_dir={tmp_path}/cli"]:
+        args += ["--set", o]
+    subprocess.run(args, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cli = tmp_path / "cli" / "synthetic" / f"rank{rank}-skipped.json"
+    assert json.loads(cli.read_text()) == marker
+
+    monkeypatch.setenv("PSAMF_LOOP_THREADS", str(torch.get_num_threads()))  # leave this process's threads be
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "prepared").symlink_to(root / "prepared")
+    (dataset / "cache").symlink_to(root / "cache")
+    params = (REPO / "params.yaml").read_text()
+    assert pretrain_stage("smoke", [], params, "", str(dataset), rank, str(tmp_path / "model")) is None
+    assert json.loads((tmp_path / "model" / "synthetic" / f"rank{rank}-skipped.json").read_text()) == marker
+    assert finetune_stage("smoke", [], params, "", str(dataset), rank, str(tmp_path / "model"),
+                          str(tmp_path / "kfp.json")) is None
+    assert json.loads((tmp_path / "kfp.json").read_text()) == marker and is_skipped_slot(marker)
+
+    done = root / "loo" / "synthetic" / "loo_summary.json"  # test_smoke_loo_writes_the_paper_tables's
+    users = json.loads(done.read_text())["users"] if done.is_file() else loo(cfg)["users"]
+    files = [tmp_path / "kfp.json", *(root / "loo" / "synthetic" / f"{u}.json" for u in users), cli]
+    assert loo_report(cfg, report_files=files, out_dir=tmp_path / "report")["users"] == users

@@ -77,7 +77,7 @@ def test_parallel_for_over_loo_ranks_and_tune_workers(compiled):
     assert len(loo) == 1 and loo[0]["iteratorPolicy"]["parallelismLimit"] == 4
     assert any("tune_workers" in str(t["parameterIterator"]) for t in loops)
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["loo_ranks"]["defaultValue"] == list(range(10))
+    assert params["loo_ranks"]["defaultValue"] == list(range(10))  # data.loo_users (see the K test below)
     assert params["tune_workers"]["defaultValue"] == [0]
 
 
@@ -177,19 +177,42 @@ def test_a_task_reads_the_pipeline_params_text_not_the_local_file(tmp_path, monk
     from psamf.orchestration import stage_config
 
     monkeypatch.chdir(tmp_path)  # a pod: no params.yaml in the working dir
-    text = (REPO / "params.yaml").read_text().replace("d_model: 30", "d_model: 12", 1)
+    text = (REPO / "params.yaml").read_text().replace("d_model: 30", "d_model: 10", 1)
     cfg = stage_config("smoke", ["user_adapter.hidden=7"], text)
-    assert cfg.mult.d_model == 16  # the smoke profile's value, merged over the file's 12
+    assert cfg.mult.d_model == 16  # the smoke profile's value, merged over the file's 10
     assert cfg.user_adapter.hidden == 7 and cfg.profile == "smoke"
-    assert stage_config("demo", [], text).mult.d_model == 12
+    assert stage_config("demo", [], text).mult.d_model == 10
+
+
+def _dvc_stages() -> set[str]:
+    out = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def test_dvc_stages_mirror_the_pipeline():
-    out = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
-    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    names = _dvc_stages()
     for stage in ("ingest", "validate", "pretrain@0", "pretrain@9", "finetune@0", "loo_report"):
         assert stage in names, stage
+
+
+def test_one_k_the_config_dvc_yaml_and_the_pipeline_default_have_the_same_loo_slots(compiled, tmp_path):
+    """K (data.loo_users) is set in params.yaml alone: the dataclass default equals it (test_config),
+    dvc.yaml's foreach reads loo_slots.yaml, which `psamf loo-slots` writes from it, and the KFP
+    default is computed from the config when the pipeline is compiled."""
+    from psamf.config import Config, load_config, loo_rank_slots
+
+    slots = loo_rank_slots(load_config(REPO / "params.yaml"))
+    assert slots == loo_rank_slots(Config()) == list(range(Config().data.loo_users))
+    spec, _ = compiled
+    assert spec["root"]["inputDefinitions"]["parameters"]["loo_ranks"]["defaultValue"] == slots
+    names = _dvc_stages()
+    for stage in ("pretrain", "finetune"):
+        assert sorted(int(n.split("@")[1]) for n in names if n.startswith(f"{stage}@")) == slots, stage
+    # the committed vars file is what the generator writes now
+    subprocess.run([sys.executable, "-m", "psamf.cli", "loo-slots", "--params", str(REPO / "params.yaml"),
+                    "--out", str(tmp_path / "slots.yaml")], check=True, capture_output=True)
+    assert (tmp_path / "slots.yaml").read_text() == (REPO / "loo_slots.yaml").read_text()
 
 
 def test_kfp_local_output_is_one_line_per_task_with_the_rest_in_a_log():

@@ -9,6 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from psamf.config import RegistryConfig
+from psamf.errors import InputError
 from psamf.registry import TOL, decide, test_set_id
 
 SET_A = test_set_id("synthetic", ["v1_1", "v1_2", "v2_1"], False)
@@ -87,8 +88,8 @@ def test_invalid_metrics_and_bad_margins():
     assert decide(model(float("nan"), 0.8), model(0.9, 0.8), RegistryConfig()).verdict == "invalid"
     assert decide(model(0.5, None), None, RegistryConfig()).promote is False
     assert decide(model(0.5, 0.8), model(float("nan"), 0.8), RegistryConfig()).verdict == "incomparable"
-    with pytest.raises(ValueError, match="mae_margin"):
-        decide(model(0.5, 0.8), None, RegistryConfig(mae_margin=-0.1))
+    with pytest.raises(InputError, match="registry.mae_margin must be >= 0, got -0.1"):
+        RegistryConfig(mae_margin=-0.1)  # refused when the config is built, so decide() never sees it
 
 
 def test_margins_hold_back_small_gains():

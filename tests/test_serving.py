@@ -228,7 +228,7 @@ def psamf_trained(trained):
         f"psamf.encoder={text_dir}", f"psamf.personality_encoder={pers_dir}", "psamf.split_layer=2",
         "psamf.lstm_hidden=8", "psamf.attn_heads=2", "psamf.max_len=16"])
     torch.manual_seed(0)
-    model = PSAMF.from_config(cfg, audio_dim=cfg.data.audio_dim, visual_dim=cfg.data.visual_dim).eval()
+    model = PSAMF.from_config(cfg.psamf, audio_dim=cfg.data.audio_dim, visual_dim=cfg.data.visual_dim).eval()
     out = Path(cfg.train.out_dir) / cfg.data.corpus
     out.mkdir(parents=True, exist_ok=True)
     load_tokenizer(text_dir).save_pretrained(out / "tokenizer")

@@ -265,10 +265,6 @@ def test_bad_input_is_one_line_input_error(root, tmp_path):
     from psamf.cli import app
     from psamf.tune import load_study, tune
 
-    with pytest.raises(InputError, match="unknown pruner"):
-        tune(cfg_for(root, "tune.pruner=nope"))
-    with pytest.raises(InputError, match="tau_min"):
-        tune(cfg_for(root, "tune.tau_min=0"))
     with pytest.raises(InputError, match="segments.parquet: missing"):
         tune(cfg_for(root, f"data.prepared_dir={tmp_path}/none"))
     with pytest.raises(InputError, match="not found"):

@@ -34,9 +34,6 @@ def pool_or_pad(x: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
     return out, mask
 
 
-AV_NORMS = ("none", "speaker")
-
-
 def normalize_by_group(x: np.ndarray, mask: np.ndarray, groups, eps: float = 1e-6) -> np.ndarray:
     """Z-score each feature dim within each group (a speaker), over the group's real steps.
 
@@ -73,9 +70,8 @@ def normalize_by_group(x: np.ndarray, mask: np.ndarray, groups, eps: float = 1e-
 def av_inputs(x: np.ndarray, mask: np.ndarray, groups, av_norm: str) -> np.ndarray:
     """One modality's frames [N,T,D] as PSA-MF sees them (psamf.av_norm): per-group z-scored
     under "speaker" (normalize_by_group), else as ingested. Training groups by speaker_id and
-    serving by user_id, both through here, so the two cannot drift apart."""
-    if av_norm == "speaker":
-        return normalize_by_group(x, mask, groups)
-    if av_norm != "none":
-        raise ValueError(f"unknown av_norm {av_norm!r} (choose from {', '.join(AV_NORMS)})")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    serving by user_id, both through here, so the two cannot drift apart. av_norm is one of
+    config.AV_NORMS, checked when the config was built."""
+    if av_norm == "none":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return normalize_by_group(x, mask, groups)

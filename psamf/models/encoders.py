@@ -69,6 +69,7 @@ def num_layers(model: nn.Module) -> int:
 
 def check_split_layer(split_layer: int, n_layers: int) -> None:
     # N = 0 would leave CLS_s as a bare embedding; N = L would leave no layers for pre-fusion.
+    # L is the loaded encoder's depth, so this stays here rather than in config.py's RANGES.
     if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 1 <= split_layer < n_layers:
         raise ValueError(
             f"split_layer must be an int with 1 <= split_layer < L, where L = {n_layers} is the "

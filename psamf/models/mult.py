@@ -251,8 +251,6 @@ class MulT(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        if d % cfg.n_heads:
-            raise ValueError(f"mult.d_model={d} must be divisible by mult.n_heads={cfg.n_heads}")
         if user_adapter is not None and user_adapter.d_model != d:
             raise ValueError(f"user adapter d_model {user_adapter.d_model} != mult.d_model {d}")
         kernels = {"text": cfg.kernel_l, "audio": cfg.kernel_a, "visual": cfg.kernel_v}

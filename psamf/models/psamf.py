@@ -70,10 +70,9 @@ Batch (a mapping of tensors):
     visual_len / audio_len [B] (right padding assumed; clamped to T); neither: all steps real
     label [B] (optional; losses are computed only when present)
 
-Optional config keys read with a default when a config object lacks them (a PsamfConfig has
-them all, with params.yaml's values): align_dim (text hidden size), fusion_dim (lstm_hidden),
-symmetric_cl (False), sim_weight ("affine"), prefusion_text ("cls"), av_gate (False),
-prefusion_residual (False). av_norm is read by the data path, not here.
+Config: a PsamfConfig, already checked (config.py's CHOICES and RANGES); a saved model's gets
+the keys it predates from config.saved_psamf_config. align_dim / fusion_dim null mean the text
+hidden size / lstm_hidden. av_norm is read by the data path, not here.
 """
 from __future__ import annotations
 
@@ -87,22 +86,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from psamf.config import PsamfConfig
 from psamf.models.encoders import SplitEncoder, base_model, load_encoder
-
-ABLATIONS = ("none", "no_personality", "no_prefusion", "no_enhanced_fusion", "no_ps", "no_clm")
-SIM_WEIGHTS = ("affine", "raw", "clamp")
-PREFUSION_TEXT = ("cls", "tokens")
-
-
-def check_ablation(ablation: str) -> str:
-    if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r} (choose from {', '.join(ABLATIONS)})")
-    return ablation
-
-
-def _opt(cfg, name, default):
-    """A config key config.py may not have yet; None also means 'use the default'."""
-    value = getattr(cfg, name, None)
-    return default if value is None else value
 
 
 # ---------------------------------------------------------------------------- losses
@@ -180,9 +163,7 @@ class PersonalitySentimentAlignment(nn.Module):
     def __init__(self, hidden_s: int, hidden_p: int, align_dim: int, tau: float,
                  use_ps: bool = True, symmetric: bool = False, sim_weight: str = "affine"):
         super().__init__()
-        if sim_weight not in SIM_WEIGHTS:
-            raise ValueError(f"unknown sim_weight {sim_weight!r} (choose from {', '.join(SIM_WEIGHTS)})")
-        self.sim_weight = sim_weight
+        self.sim_weight = sim_weight  # one of config.SIM_WEIGHTS
         self.proj_s = nn.Linear(hidden_s, align_dim)
         self.proj_p = nn.Linear(hidden_p, align_dim)
         self.w_y = nn.Linear(align_dim, 1) if use_ps else None  # W_y: T_s -> sentiment score
@@ -206,7 +187,7 @@ class PersonalitySentimentAlignment(nn.Module):
             return (1.0 + sim) / 2.0
         if self.sim_weight == "clamp":
             return sim.clamp(min=0.0)
-        return sim
+        return sim  # "raw"
 
 
 class EnhancedFusion(nn.Module):
@@ -284,15 +265,13 @@ class PSAMF(nn.Module):
                  cfg: PsamfConfig, *, audio_dim: int, visual_dim: int):
         super().__init__()
         self.cfg = cfg
-        self.ablation = check_ablation(cfg.ablation)
+        self.ablation = cfg.ablation
         self.text = SplitEncoder(text_encoder, cfg.split_layer)
         H = self.text.hidden_size
-        if cfg.tau <= 0:
-            raise ValueError(f"tau must be > 0, got {cfg.tau}")
-        if H % cfg.attn_heads:
+        if H % cfg.attn_heads:  # H is the loaded encoder's, so this cannot be checked at config load
             raise ValueError(f"attn_heads={cfg.attn_heads} must divide the encoder hidden size {H}")
-        align_dim = int(_opt(cfg, "align_dim", H))
-        fusion_dim = int(_opt(cfg, "fusion_dim", cfg.lstm_hidden))
+        align_dim = H if cfg.align_dim is None else cfg.align_dim
+        fusion_dim = cfg.lstm_hidden if cfg.fusion_dim is None else cfg.fusion_dim
         self.tau = cfg.tau
         self.aux_lambda = cfg.aux_lambda
 
@@ -310,22 +289,18 @@ class PSAMF(nn.Module):
             self.personality_encoder = pers
             self.align = PersonalitySentimentAlignment(
                 H, pers.config.hidden_size, align_dim, cfg.tau, use_ps=self.ablation != "no_ps",
-                symmetric=bool(_opt(cfg, "symmetric_cl", False)), sim_weight=_opt(cfg, "sim_weight", "affine"))
+                symmetric=cfg.symmetric_cl, sim_weight=cfg.sim_weight)
 
         # audio-visual: LSTM branch (interaction) and token branch (pre-fusion)
         self.lstm_v = ModalityLSTM(visual_dim, cfg.lstm_hidden)
         self.lstm_a = ModalityLSTM(audio_dim, cfg.lstm_hidden)
         eps = getattr(self.text.config, "layer_norm_eps", 1e-12)
-        self.prefusion_text = _opt(cfg, "prefusion_text", "cls")
-        if self.prefusion_text not in PREFUSION_TEXT:
-            raise ValueError(f"unknown prefusion_text {self.prefusion_text!r} (choose from {', '.join(PREFUSION_TEXT)})")
-        gated = bool(_opt(cfg, "av_gate", False))
+        self.prefusion_text = cfg.prefusion_text
         # residual pre-fusion: M_s = M_text + tanh(g) (M_fused - M_text), g a zero-init scalar
         self.prefusion_gate = (nn.Parameter(torch.zeros(()))
-                               if bool(_opt(cfg, "prefusion_residual", False)) and self.ablation != "no_prefusion"
-                               else None)
-        self.tok_v = AVTokens(visual_dim, H, cfg.dropout, eps, gated)
-        self.tok_a = AVTokens(audio_dim, H, cfg.dropout, eps, gated)
+                               if cfg.prefusion_residual and self.ablation != "no_prefusion" else None)
+        self.tok_v = AVTokens(visual_dim, H, cfg.dropout, eps, cfg.av_gate)
+        self.tok_a = AVTokens(audio_dim, H, cfg.dropout, eps, cfg.av_gate)
         if self.ablation != "no_clm":
             self.clm_proj = nn.ModuleList([nn.Linear(H, align_dim) for _ in range(3)])  # g_t, g_v, g_a
 
@@ -339,11 +314,8 @@ class PSAMF(nn.Module):
         self.fusion = fusion(H, fusion_dim, cfg.dropout)
 
     @classmethod
-    def from_config(cls, cfg, audio_dim: int, visual_dim: int) -> "PSAMF":
-        """Load both encoders by name (alias, hub id or local dir) via encoders.py.
-        cfg: a PsamfConfig, or the whole Config (its .psamf is used)."""
-        cfg = getattr(cfg, "psamf", cfg)
-        check_ablation(cfg.ablation)  # fail before loading weights
+    def from_config(cls, cfg: PsamfConfig, audio_dim: int, visual_dim: int) -> "PSAMF":
+        """Load both encoders by name (alias, hub id or local dir) via encoders.py."""
         text = load_encoder(cfg.encoder)
         pers = None if cfg.ablation == "no_personality" else load_encoder(cfg.personality_encoder)
         return cls(text, pers, cfg, audio_dim=audio_dim, visual_dim=visual_dim)

@@ -20,7 +20,6 @@ from psamf.config import UserAdapterConfig
 
 UNKNOWN = 0  # embedding row of the UNKNOWN user
 MODALITIES = ("text", "audio", "visual")
-POSITIONS = ("end", "start")
 
 
 class UserVocab:
@@ -86,10 +85,6 @@ class UserAdapter(nn.Module):
     def __init__(self, users: UserVocab | Iterable[str] | int, d_model: int, cfg: UserAdapterConfig,
                  unknown_p: float = 0.1):
         super().__init__()
-        if cfg.position not in POSITIONS:
-            raise ValueError(f"user_adapter.position must be one of {POSITIONS}, got {cfg.position!r}")
-        if cfg.prompt_len < 1:
-            raise ValueError(f"user_adapter.prompt_len must be >= 1, got {cfg.prompt_len}")
         if not 0.0 <= unknown_p < 1.0:
             raise ValueError(f"unknown_p must be in [0, 1), got {unknown_p}")
         if isinstance(users, int):

@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 STORAGE_ENV = "PSAMF_OPTUNA_STORAGE"
 PARAMS = ("psamf.tau", "psamf.split_layer", "psamf.aux_lambda")
-PRUNERS = ("median", "hyperband", "none")
 SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_RETRIES = 4
 
@@ -119,17 +118,14 @@ def make_sampler(cfg: Config, worker: int = 0, parallel: bool = False):
 
 
 def make_pruner(cfg: Config):
+    """tune.pruner (a config.PRUNERS choice, checked at load) as an Optuna pruner."""
     import optuna
 
     tc = cfg.tune
-    if tc.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=tc.pruner_startup_trials,
-                                           n_warmup_steps=tc.pruner_warmup_steps)
-    if tc.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, tc.epochs))
-    if tc.pruner == "none":
-        return optuna.pruners.NopPruner()
-    raise InputError("tune.pruner", f"unknown pruner {tc.pruner!r} (choose from {', '.join(PRUNERS)})")
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=tc.pruner_startup_trials,
+                                                          n_warmup_steps=tc.pruner_warmup_steps),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, tc.epochs)),
+            "none": optuna.pruners.NopPruner}[tc.pruner]()
 
 
 def create_study(cfg: Config, *, worker: int = 0, parallel: bool = False):
@@ -204,28 +200,6 @@ def encoder_depth(name_or_path: str) -> int:
     if not isinstance(depth, int):
         raise InputError(name_or_path, "the encoder's config has no num_hidden_layers")
     return depth
-
-
-def check_tune_config(cfg: Config) -> None:
-    tc = cfg.tune
-    if tc.n_trials < 1:
-        raise InputError("tune.n_trials", f"must be >= 1, got {tc.n_trials}")
-    if tc.epochs < 1:
-        raise InputError("tune.epochs", f"must be >= 1, got {tc.epochs}")
-    if not 0 < tc.tau_min <= tc.tau_max:
-        raise InputError("tune.tau_min", f"need 0 < tau_min <= tau_max, got {tc.tau_min}, {tc.tau_max}")
-    if not tc.lambda_min <= tc.lambda_max:
-        raise InputError("tune.lambda_min", f"need lambda_min <= lambda_max, got {tc.lambda_min}, {tc.lambda_max}")
-    if tc.pruner not in PRUNERS:
-        raise InputError("tune.pruner", f"unknown pruner {tc.pruner!r} (choose from {', '.join(PRUNERS)})")
-    for key in ("heartbeat_interval", "grace_period"):
-        v = getattr(tc, key)
-        if v is not None and v < 1:
-            raise InputError(f"tune.{key}", f"must be >= 1 (seconds) or null, got {v}")
-    if tc.epoch_budget is not None and tc.epoch_budget < tc.epochs:
-        raise InputError("tune.epoch_budget", f"must be >= tune.epochs ({tc.epochs}) or null, got {tc.epoch_budget}")
-    if tc.max_retry is not None and tc.max_retry < 0:
-        raise InputError("tune.max_retry", f"must be >= 0 or null, got {tc.max_retry}")
 
 
 def suggest(trial, cfg: Config, depth: int) -> dict[str, Any]:

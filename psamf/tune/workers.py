@@ -45,7 +45,7 @@ from psamf.io import write_text
 from psamf.locks import NamedLock, dialect, sqlite_file
 from psamf.resources import cpu_count
 from psamf.tune.report import finalize
-from psamf.tune.search import (STORAGE_ENV, Objective, budget_allows_trial, check_tune_config, create_study,
+from psamf.tune.search import (STORAGE_ENV, Objective, budget_allows_trial, create_study,
                                encoder_depth, load_study, report_dir, storage_url, study_finished, trial_counts)
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=No
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    check_tune_config(cfg)
     t0 = time.perf_counter()
     if study is None:
         study = load_study(cfg, worker=worker, parallel=parallel)
@@ -110,11 +109,9 @@ def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=No
 # ---------------------------------------------------------------------------- the stage
 
 def preflight(cfg: Config) -> int:
-    """Fail before any worker starts: config, data, encoders. Returns the encoder depth L."""
-    from psamf.psamf_train import check_personality_encoder, check_psamf_config
+    """Fail before any worker starts: data, encoders. Returns the encoder depth L."""
+    from psamf.psamf_train import check_personality_encoder
 
-    check_tune_config(cfg)
-    check_psamf_config(cfg)
     seg = cfg.data.prepared_path / "segments.parquet"
     if not seg.is_file():
         raise InputError(seg, "missing; run `psamf data ingest` first")
