@@ -184,6 +184,20 @@ def _encoder_from_config(conf: dict) -> nn.Module:
     return AutoModel.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
 
 
+def read_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A saved model.pt as its dict (weights + metadata): the one reader for train, serving and register."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "missing; run `psamf train` first")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise InputError(path, f"not a readable model file ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise InputError(path, "not a PSA-MF checkpoint (no state_dict)")
+    return state
+
+
 def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved PSA-MF or text baseline from `<model_dir>/model.pt` (no encoder download).
 
@@ -193,9 +207,7 @@ def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") 
     from psamf.models.psamf import PSAMF
 
     path = Path(model_dir) / "model.pt"
-    if not path.is_file():
-        raise InputError(path, "missing; run `psamf train` first")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = read_model_file(path, map_location)
     if state.get("format") != MODEL_FORMAT:
         raise InputError(path, f"not a psamf model file (format {state.get('format')!r})")
     confs = state["encoder_configs"]

@@ -531,10 +531,10 @@ def log_psamf_model(cfg: Config, model_dir: str | Path | None = None, name: str 
     """Log psamf_train's model as a PsamfPyfunc (see the module docstring). Returns ModelInfo."""
     import torch
 
+    from psamf.psamf_train import read_model_file
+
     path = psamf_model_path(cfg, model_dir)
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise InputError(path, "not a PSA-MF checkpoint (no state_dict)")
+    saved = read_model_file(path)
     if saved.get("kind", "psamf") != "psamf":
         raise InputError(path, f"this is a {saved['kind']!r} model, not PSA-MF; only PSA-MF is registered")
     pc, T = _psamf_parts(saved, cfg)
