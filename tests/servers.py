@@ -186,23 +186,18 @@ def _mlflow_cmd() -> list[str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[str, str] | None = None,
-                  timeout: float = 90) -> Iterator[str]:
-    """`mlflow server` with one worker and no job runner (about 0.5 GB instead of 2.2 GB).
-    Yields http://127.0.0.1:PORT once /health answers; SIGTERM by pid at the end."""
+def _mlflow_process(args: list[str], health: str, env: dict[str, str], timeout: float, prefix: str) -> Iterator[str]:
+    """`mlflow <args> --port PORT` on a free port, its log in a temp dir; yields the URL once
+    `health` answers, SIGTERM by pid at the end."""
     port = free_port()
-    log_dir = Path(tempfile.mkdtemp(prefix="psamf-mlflow-"))
+    log_dir = Path(tempfile.mkdtemp(prefix=prefix))
     log = log_dir / "server.log"
-    penv = {**_env(env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    penv.pop("MLFLOW_TRACKING_URI", None)
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([*_mlflow_cmd(), "server", "--workers", "1", "--backend-store-uri", backend_store_uri,
-                                 "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT, env=penv,
-                                start_new_session=True, cwd=log_dir)
+        proc = subprocess.Popen([*_mlflow_cmd(), *args, "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, cwd=log_dir)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/health", proc, timeout, log)
+        _wait_http(f"{url}{health}", proc, timeout, log)
         yield url
     finally:
         stop_process(proc)
@@ -210,23 +205,24 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[
 
 
 @contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict[str, str] | None = None,
+                  timeout: float = 90) -> Iterator[str]:
+    """`mlflow server` with one worker and no job runner (about 0.5 GB instead of 2.2 GB).
+    Yields http://127.0.0.1:PORT once /health answers; SIGTERM by pid at the end."""
+    penv = {**_env(env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    penv.pop("MLFLOW_TRACKING_URI", None)
+    with _mlflow_process(["server", "--workers", "1", "--backend-store-uri", backend_store_uri,
+                          "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1"],
+                         "/health", penv, timeout, "psamf-mlflow-") as url:
+        yield url
+
+
+@contextlib.contextmanager
 def model_server(model_uri: str, env: dict[str, str] | None = None, timeout: float = 120) -> Iterator[str]:
     """`mlflow models serve -m URI --env-manager local` on a free port; yields its http URL."""
-    port = free_port()
-    log_dir = Path(tempfile.mkdtemp(prefix="psamf-serve-"))
-    log = log_dir / "serve.log"
-    penv = _env(env)
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([*_mlflow_cmd(), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"], stdout=fh,
-                                stderr=subprocess.STDOUT, env=penv, start_new_session=True, cwd=log_dir)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/ping", proc, timeout, log)
+    with _mlflow_process(["models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-w", "1"],
+                         "/ping", _env(env), timeout, "psamf-serve-") as url:
         yield url
-    finally:
-        stop_process(proc)
-        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def server_log(path: Path) -> str:  # pragma: no cover - debugging aid
