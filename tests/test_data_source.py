@@ -71,7 +71,7 @@ def test_mosi_from_a_dvc_remote_reaches_validation_from_a_clean_dir(shared_data,
     # The team's side: real MOSI files + simulated AV in data/raw/mosi, `dvc add`, `dvc push`.
     team = tmp_path / "team"
     mosi = team / "data" / "raw" / "mosi"
-    simulate_av(load_config(REPO / "params.yaml", "smoke", [f"data.mosi_dir={shared_data / 'cmu-mosi'}",
+    simulate_av(load_config(REPO / "params.yaml", "smoke", ["data.corpus=mosi", f"data.mosi_dir={shared_data / 'cmu-mosi'}",
                                                              "simulate.audio_hz=10", "simulate.visual_hz=5"]), mosi)
     for name in ("CMU_MOSI_Opinion_Labels.csd", "standard_folds.json", "transcripts.csv"):
         shutil.copyfile(shared_data / "cmu-mosi" / name, mosi / name)
