@@ -5,39 +5,21 @@ Bad input ends in one line on stderr (`psamf: error: <where>: <what>`) and exit 
 """
 from __future__ import annotations
 
-import functools
-import json
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from psamf.config import Config, load_config
+from psamf.cli_common import (CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json,  # noqa: F401
+                               one_line_errors)
+from psamf.config import Config
 from psamf.errors import InputError
 
 app = typer.Typer(help="Personalized multimodal sentiment analysis pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Corpora: build, simulate, ingest, validate.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml path (default: ./params.yaml or $PSAMF_PARAMS)")]
-ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="smoke | demo | paper")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any key: section.key=value")]
-CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="synthetic | mosi | mosei (same as --set data.corpus=...)")]
-
-
-def config_from(params: Path | None, profile: str | None, sets: list[str] | None,
-                corpus: str | None = None) -> Config:
-    overrides = list(sets or [])
-    if corpus:
-        overrides.append(f"data.corpus={corpus}")
-    cfg = load_config(params, profile, overrides)
-    from psamf.checkpoints import ensure_local_root
-
-    ensure_local_root(cfg)
-    return cfg
-
 
 @app.callback()
 def _options(ctx: typer.Context, log_level: Annotated[str, typer.Option(
@@ -54,26 +36,6 @@ def _options(ctx: typer.Context, log_level: Annotated[str, typer.Option(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     ctx.with_resource(logging_redirect_tqdm())  # log lines do not tear a progress bar apart
-
-
-def one_line_errors(fn: Callable) -> Callable:
-    """Turn InputError into the one-line message + exit 2 contract."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except InputError as e:
-            from psamf.redact import redact
-
-            typer.echo(f"psamf: error: {redact(str(e))}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def echo_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 @app.command("config")

@@ -5,10 +5,11 @@ from typing import Annotated
 
 import typer
 
+from psamf.cli_common import ParamsOpt, ProfileOpt, SetOpt, echo_json, one_line_errors
+
 
 def register(app: typer.Typer) -> None:
     """Add the `pipeline` command group to `app` (called once by psamf.cli)."""
-    from psamf.cli import ParamsOpt, ProfileOpt, SetOpt, echo_json, one_line_errors
 
     pipe = typer.Typer(help="The Kubeflow pipeline: local run, compile, submit, schedule.", no_args_is_help=True)
     app.add_typer(pipe, name="pipeline")

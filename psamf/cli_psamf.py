@@ -7,18 +7,17 @@
     psamf tune [--workers N]    Optuna search over tau, N, lambda (psamf.tune); --join on other nodes
     psamf tune-process          (hidden) one worker process that `psamf tune --workers N` starts
 """
-# No `from __future__ import annotations`: Typer evaluates the annotations, and the option
-# types are imported inside register(), so they must be resolved when each command is defined.
+# No `from __future__ import annotations`: Typer evaluates the option annotations at runtime.
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from psamf.cli_common import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app` (called once by psamf.cli)."""
-    # Imported here, not at module level: psamf.cli imports this module while it is being built.
-    from psamf.cli import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
 
     personality_app = typer.Typer(help="The personality (Big Five) encoder PSA-MF aligns with.",
                                   no_args_is_help=True)

@@ -4,11 +4,12 @@
     psamf compare [--model mult|psamf] [--json]                      versions, metrics, aliases
     psamf promote --model mult|psamf --version V --reason "..."      move @champion by hand
 """
-# No `from __future__ import annotations`: Typer reads the option annotations at runtime, and
-# the shared ones (ParamsOpt, ...) are imported inside register() to avoid an import cycle.
+# No `from __future__ import annotations`: Typer reads the option annotations at runtime.
 from typing import Annotated, Any, Optional
 
 import typer
+
+from psamf.cli_common import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
 
 TABLE_METRICS = ("mae", "non0_acc2", "non0_f1", "corr", "acc7")
 
@@ -43,7 +44,6 @@ def format_table(listing: dict[str, Any]) -> str:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app` (called once by psamf.cli)."""
-    from psamf.cli import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
 
     ModelOpt = Annotated[str, typer.Option("--model", help="mult (MulT + User Adapter) | psamf (PSA-MF)")]
 

@@ -76,24 +76,3 @@ def pipeline_fingerprint(profile: str, overrides: Sequence[str], data_version: s
                          params_text: str = "") -> str:
     return _sha({"params": params_hash(profile, overrides, params_text), "data": data_version,
                  "code": code or code_version()})[:16]
-
-
-def should_run(cfg, fingerprint: str, force: bool = False) -> tuple[bool, str]:
-    """(run?, reason) for a run outside KFP (CLI, cron): skip when a completed MLflow pipeline
-    run has this fingerprint. In a KFP run, the cache makes this decision per task."""
-    import mlflow
-
-    from psamf import tracking
-
-    if force:
-        return True, "forced"
-    if not tracking.enabled():
-        return True, "tracking off: cannot look up earlier runs"
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-    exp_id = tracking.ensure_experiment(cfg)
-    done = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_fingerprint = '{fingerprint}' and "
-                              "tags.stage = 'pipeline' and tags.completed = 'true'",
-                              max_results=1, output_format="list")
-    if done:
-        return False, f"data, code and params unchanged since run {done[0].info.run_id}"
-    return True, "data, code or params changed"

@@ -7,7 +7,7 @@
 
 On a cluster, KFP's cache skips every task whose inputs (fingerprint: code + data + params)
 are unchanged. kfp.local has no cache, so `run_local(force=False)` checks the fingerprint
-against completed MLflow pipeline runs first (psamf.fingerprint.should_run) and records a skip.
+against completed MLflow pipeline runs first (psamf.tracking.should_run) and records a skip.
 `--params FILE` travels as the pipeline parameter `params_yaml` (its text), so a pod that holds
 only the image reads the same keys as the machine that submitted the run.
 
@@ -107,7 +107,7 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
     args = pipeline_arguments(profile, overrides, params, data_source, run_name=run_name)
     if not force:
         from psamf import tracking
-        from psamf.fingerprint import should_run
+        from psamf.tracking import should_run
         from psamf.orchestration import run_fingerprint
 
         cfg, _, fp, _ = run_fingerprint(args["profile"], args["overrides"], args["params_yaml"], args["data_source"])

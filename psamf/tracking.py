@@ -187,6 +187,31 @@ def _close(run, status: str) -> None:
                   run.info.run_id, str(e).splitlines()[0][:120], lost)
 
 
+def _pipeline_runs(exp_id: str, fingerprint: str, completed: bool) -> list:
+    """Parent runs of the pipeline with this fingerprint, newest first."""
+    import mlflow
+
+    return mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_fingerprint = '{fingerprint}' and "
+                              f"tags.stage = 'pipeline' and tags.completed = '{str(completed).lower()}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+
+
+def should_run(cfg: Config, fingerprint: str, force: bool = False) -> tuple[bool, str]:
+    """(run?, reason) for a run outside KFP (CLI, cron): skip when a completed MLflow pipeline
+    run has this fingerprint (psamf.fingerprint). In a KFP run, the cache decides per task."""
+    if force:
+        return True, "forced"
+    if not enabled():
+        return True, "tracking off: cannot look up earlier runs"
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    done = _pipeline_runs(ensure_experiment(cfg), fingerprint, completed=True)
+    if done:
+        return False, f"data, code and params unchanged since run {done[0].info.run_id}"
+    return True, "data, code or params changed"
+
+
 def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: dict[str, Any] | None = None) -> str:
     """The MLflow parent run of the pipeline run with this fingerprint: the newest one that is
     not completed, else a new one. Tasks find it from the fingerprint (a content-keyed input),
@@ -197,9 +222,7 @@ def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: di
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     exp_id = ensure_experiment(cfg)
-    found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_fingerprint = '{fingerprint}' and "
-                               "tags.stage = 'pipeline' and tags.completed = 'false'",
-                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    found = _pipeline_runs(exp_id, fingerprint, completed=False)
     if found:
         return found[0].info.run_id
     all_tags = {**base_tags(cfg, "pipeline"), "pipeline_fingerprint": fingerprint, "completed": "false",

@@ -93,7 +93,7 @@ def test_skip_when_a_completed_run_has_the_fingerprint(smoke_cfg, monkeypatch, t
     import mlflow
 
     from psamf import tracking
-    from psamf.fingerprint import should_run
+    from psamf.tracking import should_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
     assert should_run(smoke_cfg, "f" * 16) == (True, "data, code or params changed")

@@ -1,0 +1,52 @@
+"""What every `psamf` command shares: the config options, the one-line error contract, JSON out.
+
+Its own module so that psamf.cli and the command groups it registers (cli_psamf, cli_registry,
+cli_pipeline) all import it, and none of them imports another."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from psamf.config import Config, load_config
+from psamf.errors import InputError
+
+ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml path (default: ./params.yaml or $PSAMF_PARAMS)")]
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="smoke | demo | paper")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any key: section.key=value")]
+CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="synthetic | mosi | mosei (same as --set data.corpus=...)")]
+
+
+def config_from(params: Path | None, profile: str | None, sets: list[str] | None,
+                corpus: str | None = None) -> Config:
+    overrides = list(sets or [])
+    if corpus:
+        overrides.append(f"data.corpus={corpus}")
+    cfg = load_config(params, profile, overrides)
+    from psamf.checkpoints import ensure_local_root
+
+    ensure_local_root(cfg)
+    return cfg
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """Turn InputError into the one-line message + exit 2 contract."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            from psamf.redact import redact
+
+            typer.echo(f"psamf: error: {redact(str(e))}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
