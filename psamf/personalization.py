@@ -3,8 +3,10 @@
 For each LOO user it puts five rows together, each with MAE, Corr and Non0-Acc2 and a 95% CI:
 
     baseline, FS-UA, FS-UA-KD   the LOO finetune draws (t-interval over R few-shot draws)
-    PSA-MF                      the trained PSA-MF's predictions on that user's segments
-                                (bootstrap over segments: one model, no draws)
+    PSA-MF                      the trained PSA-MF's predictions on that user's segments when
+                                the speaker is in its valid or test fold (bootstrap over
+                                segments: one model, no draws); n/a, with the reason, for a
+                                speaker PSA-MF trained on
     cold start                  the pretrained MulT's unknown-user row on all of the user's
                                 segments, before any labels (bootstrap over segments)
 
@@ -80,7 +82,8 @@ def _psamf_rows(users: list[str], predictions: Path | None, seed: int) -> tuple[
     for u in users:
         sub = df[df.speaker_id == u]
         if sub.empty:
-            rows.append(_row(u, "psamf", None, "-", 0, "no segments of this speaker in PSA-MF's data"))
+            rows.append(_row(u, "psamf", None, "-", 0, "no held-out score: this speaker is in PSA-MF's training "
+                                                        "fold (predictions.csv holds valid and test segments only)"))
             continue
         split = str(sub.split.mode().iloc[0])
         cis = bootstrap_ci(sub.pred.to_numpy(), sub.label.to_numpy(), seed=seed)
@@ -265,8 +268,9 @@ def _html(loo: dict[str, Any], df: pd.DataFrame, kd: list[dict[str, Any]], avera
                "The papers' numbers are on real CMU-MOSI with real COVAREP/FACET features; ours are comparable "
                "only where the corpus is `mosi` and the AV features are real." if loo["av_simulated"] or
                loo["corpus"] != "mosi" else "Real CMU-MOSI labels and features.",
-               "PSA-MF is scored on all of a user's segments; where the speaker is in its training fold the score "
-               "is in-sample, noted per row and never picked as best."]
+               "PSA-MF is scored on a user's segments only where the speaker is in its valid or test fold; a "
+               "speaker it trained on has no held-out PSA-MF score. A valid-fold speaker chose its best epoch "
+               "(noted per row, never picked as best)."]
     if psamf_missing:
         caveats.append(f"PSA-MF: {psamf_missing}.")
     gain = loo["kd_mae_gain"]

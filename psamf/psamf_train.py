@@ -19,7 +19,7 @@ Outputs, in `out_dir` (default `<train.out_dir>/<corpus>` for the full model,
                     directories (PsamfConfig, the encoders' HF configs, dims, max_len); `load_model`
     tokenizer/      the text tokenizer (and personality_tokenizer/ when it differs)
     metrics.json    the report `train_psamf` returns
-    predictions.csv segment_id, speaker_id, split, label, pred for every segment (best epoch)
+    predictions.csv segment_id, speaker_id, split, label, pred for every valid and test segment
     history.csv     one row per epoch: train loss and its parts, every valid metric
     ckpt/           fit's last.pt / best.pt while training; a rerun after `kill -9` resumes from
                     it exactly (same fingerprint); removed after success unless train.keep_checkpoints
@@ -254,8 +254,12 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
         with autocast(device, amp):
             return forward(m, b).float()
 
-    def scores(m: nn.Module, s: str) -> dict[str, float]:
+    held_out: dict[str, np.ndarray] = {}  # the final model's valid/test predictions, for predictions.csv
+
+    def scores(m: nn.Module, s: str, keep: bool = False) -> dict[str, float]:
         p = predict(m, data[s], pred_fn, batch_size=max(64, tc.batch_size))
+        if keep:
+            held_out[s] = p
         return regression_metrics(p, data[s]["label"].numpy())
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -307,10 +311,11 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
             write_json(out_dir / "metrics.json", report)
             tracking.set_tags({"pruned": True})
         else:
-            report["valid"] = scores(model, "valid")
-            report["test"] = scores(model, "test")
-            write_predictions(out_dir / PREDICTIONS, ds, predict(model, tensors, pred_fn, batch_size=max(64, tc.batch_size)))
-            write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
+            report["valid"] = scores(model, "valid", keep=True)
+            report["test"] = scores(model, "test", keep=True)
+            if trial is None:  # a tune trial's model is thrown away: no file worth its writing
+                write_predictions(out_dir / PREDICTIONS, ds, held_out)
+                write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
             _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
                         av_simulated=ds.av_simulated)
             write_json(out_dir / "metrics.json", report)
@@ -318,7 +323,8 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
                                   **{f"test_{k}": v for k, v in report["test"].items()},
                                   "best_epoch": result.best_epoch})
             tracking.log_artifact(out_dir / "metrics.json", "train")
-            tracking.log_artifact(out_dir / PREDICTIONS, "train")
+            if trial is None:
+                tracking.log_artifact(out_dir / PREDICTIONS, "train")
     if not tc.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
         if store is not None:
@@ -335,13 +341,18 @@ PREDICTIONS = "predictions.csv"
 HISTORY = "history.csv"
 
 
-def write_predictions(path: Path, ds: PreparedDataset, preds: np.ndarray) -> Path:
-    """One row per segment of every split, so per-speaker scores (psamf report) and the
-    registry's residual plots need no model and no GPU."""
-    cols = ds.segments[["segment_id", "speaker_id", "split", "label"]].copy()
-    cols["pred"] = np.asarray(preds, dtype=np.float64)
+def write_predictions(path: Path, ds: PreparedDataset, preds: dict[str, np.ndarray]) -> Path:
+    """One row per held-out segment (the splits in `preds`, in dataset order), so per-speaker scores
+    (psamf report) need no model and no GPU. Training segments are left out: a score on them is
+    in-sample, and predicting them would cost another pass over the largest split."""
+    split = ds.segments["split"].to_numpy()
+    rows = []
+    for s, p in preds.items():
+        sub = ds.segments.loc[split == s, ["segment_id", "speaker_id", "split", "label"]].copy()
+        sub["pred"] = np.asarray(p, dtype=np.float64)
+        rows.append(sub)
     with atomic_path(path) as tmp:
-        cols.to_csv(tmp, index=False, float_format="%.6g")
+        pd.concat(rows).to_csv(tmp, index=False, float_format="%.6g")
     return path
 
 

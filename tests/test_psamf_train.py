@@ -139,6 +139,17 @@ def test_cli_train_end_to_end_on_the_real_minilm(env):
     assert np.isfinite(report["test"]["mae"])
     assert (root / "cli" / "synthetic" / "model.pt").is_file()
     assert {"train_l1", "train_align", "train_clm", "valid_mae"} <= set(report["history"][0])
+    # predictions.csv: every held-out segment once, and its test rows give back the test metrics
+    import pandas as pd
+
+    from psamf.metrics import regression_metrics
+    preds = pd.read_csv(root / "cli" / "synthetic" / "predictions.csv")
+    assert sorted(preds.split.unique()) == ["test", "valid"] and preds.segment_id.is_unique
+    assert len(preds) == report["n_valid"] + report["n_test"]
+    test = preds[preds.split == "test"]
+    assert regression_metrics(test.pred, test.label)["mae"] == pytest.approx(report["test"]["mae"], abs=1e-5)
+    history = pd.read_csv(root / "cli" / "synthetic" / "history.csv")  # dvc plots' per-epoch curves
+    assert list(history.epoch) == [h["epoch"] for h in report["history"]]
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
