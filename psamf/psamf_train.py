@@ -286,7 +286,8 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
     if trial is not None:
         tags = {**tags, "trial": getattr(trial, "number", "")}
     store = store_for(cfg, "tune-trial" if trial is not None else "train", fp)
-    with tracking.stage_run(cfg, "train", run_name=run_name, tags=tags):
+    # Not per tune trial: a sampler thread per short trial run slowed the demo's search (DECISIONS.md).
+    with tracking.stage_run(cfg, "train", run_name=run_name, tags=tags, system_metrics=trial is None):
         result = fit(model, opt, data["train"], loss_fn, evaluate, epochs=tc.epochs, batch_size=tc.batch_size,
                      patience=tc.patience, seed=tc.seed, ckpt_dir=ckpt, fingerprint=fp, monitor="valid_mae",
                      on_epoch=tracking.epoch_logger(), desc=run_name, should_stop=should_stop,

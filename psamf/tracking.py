@@ -98,8 +98,9 @@ class _NullRun:
 
 @contextlib.contextmanager
 def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict[str, Any] | None = None,
-              log_params: bool = True) -> Iterator[Any]:
-    """Open a run for `stage`, nested under the active or the orchestrator's parent run."""
+              log_params: bool = True, system_metrics: bool | None = None) -> Iterator[Any]:
+    """Open a run for `stage`, nested under the active or the orchestrator's parent run.
+    `system_metrics`: log MLflow system metrics (default: for SYSTEM_METRICS_STAGES)."""
     if not enabled():
         yield _NullRun()
         return
@@ -114,7 +115,9 @@ def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict[s
     elif os.environ.get(PARENT_ENV):
         kwargs["parent_run_id"] = os.environ[PARENT_ENV]
     all_tags = {**base_tags(cfg, stage), **{k: _tag(v) for k, v in (tags or {}).items()}}
-    if stage in SYSTEM_METRICS_STAGES and SYSTEM_METRICS_ENV not in os.environ:
+    if system_metrics is None:
+        system_metrics = stage in SYSTEM_METRICS_STAGES
+    if system_metrics and SYSTEM_METRICS_ENV not in os.environ:
         kwargs["log_system_metrics"] = True  # CPU/GPU/memory beside the losses; the env var can turn it off
     run = mlflow.start_run(tags=all_tags, **kwargs)
     status = "FAILED"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from corpora import smoke_corpus
 
 from servers import mlflow_server, model_server, moto_s3, postgres_server
 
@@ -74,21 +75,16 @@ def test_server_stack_register_promote_serve(stack, tmp_path):
     import mlflow
     import requests
 
-    from psamf.config import load_config
-    from psamf.data.ingest import ingest
     from psamf.data.prepared import load_prepared
-    from psamf.data.synth import write_synthetic_corpus
     from psamf.personalized import pretrain
     from psamf.registry import register_stage
     from psamf.serving import dataset_frame
 
     t0 = time.perf_counter()
-    cfg = load_config(REPO / "params.yaml", "smoke", [
+    cfg = smoke_corpus([
         f"data.raw_dir={tmp_path}/raw", f"data.prepared_dir={tmp_path}/prepared",
         f"pretrain.out_dir={tmp_path}/models", f"text_features.cache_dir={tmp_path}/cache",
         "synth.n_speakers=4", "pretrain.epochs=1", "tracking.experiment=server-test"])
-    write_synthetic_corpus(cfg)
-    ingest(cfg)
     ds = load_prepared(cfg.data.prepared_path)
     user = ds.loo_users(1)[0]
     pretrain(cfg, user)  # its run goes to the server (PostgreSQL)

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpora import smoke_corpus
 
 from psamf.config import load_config
-from psamf.data.ingest import ingest
 from psamf.data.prepared import load_prepared
-from psamf.data.synth import write_synthetic_corpus
 from psamf.personalized import draw_support, finetune, loo, pretrain
 from psamf.stats import mean_ci, paired_diff
 
@@ -30,9 +29,7 @@ def smoke_overrides(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("pmult")
-    cfg = load_config(REPO / "params.yaml", "smoke", smoke_overrides(root))
-    write_synthetic_corpus(cfg)
-    ingest(cfg)
+    cfg = smoke_corpus(smoke_overrides(root))
     return root, cfg
 
 

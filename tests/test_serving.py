@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from corpora import smoke_corpus
 
 from psamf.config import load_config
-from psamf.data.ingest import ingest
 from psamf.data.prepared import load_prepared
-from psamf.data.synth import write_synthetic_corpus
 from psamf.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +31,7 @@ def trained(tmp_path_factory):
     from psamf.personalized import pretrain
 
     root = tmp_path_factory.mktemp("serving")
-    cfg = load_config(REPO / "params.yaml", "smoke", overrides(root))
-    write_synthetic_corpus(cfg)
-    ingest(cfg)
+    cfg = smoke_corpus(overrides(root))
     ds = load_prepared(cfg.data.prepared_path)
     user = ds.loo_users(1)[0]
     pretrain(cfg, user)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from corpora import smoke_corpus
 
 from servers import _mlflow_cmd, _wait_http, free_port, stop_process
 
@@ -34,17 +35,12 @@ def _server(port: int, root: Path) -> subprocess.Popen:
 def test_pretrain_survives_a_tracking_outage_and_logs_every_epoch_once_back(tmp_path):
     import mlflow
 
-    from psamf.config import load_config
-    from psamf.data.ingest import ingest
     from psamf.data.prepared import load_prepared
-    from psamf.data.synth import write_synthetic_corpus
 
     sets = [f"data.raw_dir={tmp_path}/raw", f"data.prepared_dir={tmp_path}/prepared",
             f"text_features.cache_dir={tmp_path}/cache", f"pretrain.out_dir={tmp_path}/models",
             "pretrain.epochs=30", "pretrain.patience=50", "tracking.experiment=outage"]
-    cfg = load_config(REPO / "params.yaml", "smoke", sets)
-    write_synthetic_corpus(cfg)
-    ingest(cfg)
+    cfg = smoke_corpus(sets)
     user = load_prepared(cfg.data.prepared_path).loo_users(1)[0]
 
     port = free_port()

