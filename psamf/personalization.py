@@ -129,16 +129,18 @@ def build(loo_summary: str | Path, model_dir: str | Path | None, out_dir: str | 
     df["best"] = _best_by_mae(df)
     kd = _kd_gains(users, per_user)
     averages = {m: {k: mean_ci(df.loc[df.model == m, k].tolist())["mean"] for k in METRICS} for m in MODELS}
+    # Users behind each model's mean: PSA-MF has no score for the speakers it trained on.
+    counts = {m: int(df.loc[df.model == m, "MAE"].notna().sum()) for m in MODELS}
 
     out = Path(out_dir)
     write_csv(out / FILES["csv"], df)
     save_figure(_per_user_chart(df, users), out / FILES["chart"])
     save_figure(_forest(kd, loo["kd_mae_gain"]), out / FILES["forest"])
     summary = {"corpus": loo["corpus"], "av_simulated": loo["av_simulated"], "users": users,
-               "averages": averages, "kd_gain": kd, "kd_gain_mean": loo["kd_mae_gain"],
+               "averages": averages, "users_scored": counts, "kd_gain": kd, "kd_gain_mean": loo["kd_mae_gain"],
                "psamf_missing": psamf_missing, "rows": _json_rows(df),
                "files": {k: str(out / f) for k, f in FILES.items()}}
-    write_text(out / FILES["html"], _html(loo, df, kd, averages, out, psamf_missing))
+    write_text(out / FILES["html"], _html(loo, df, kd, averages, counts, out, psamf_missing))
     write_json(out / FILES["json"], summary)
     return summary
 
@@ -179,8 +181,10 @@ def _per_user_chart(df: pd.DataFrame, users: list[str]):
         for i, (m, label) in enumerate(MODELS.items()):
             sub = df[df.model == m].set_index("user").reindex(users)
             err = np.vstack([sub[metric] - sub[f"{metric}_lo"], sub[f"{metric}_hi"] - sub[metric]])
-            ax.bar(x + (i - (len(MODELS) - 1) / 2) * w, sub[metric], w, yerr=np.nan_to_num(np.abs(err)),
-                   capsize=2, label=label)
+            pos = x + (i - (len(MODELS) - 1) / 2) * w
+            ax.bar(pos, sub[metric], w, yerr=np.nan_to_num(np.abs(err)), capsize=2, label=label)
+            for p in pos[sub[metric].isna().to_numpy()]:  # a missing bar is marked; the table says why
+                ax.text(p, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
         ax.set_ylabel(metric + (" (lower is better)" if metric == "MAE" else ""))
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=3)
@@ -232,11 +236,11 @@ def _table(df: pd.DataFrame) -> str:
     return f'<table class="users"><tr>{head}</tr>{"".join(body)}</table>'
 
 
-def _paper_table(averages: dict[str, dict[str, float]]) -> str:
+def _paper_table(averages: dict[str, dict[str, float]], counts: dict[str, int], n_users: int) -> str:
     pm = paper.PERSONALIZED_MULT_MOSI
-    rows = [("Baseline", averages["baseline"], pm["baseline"]), ("FS-UA", averages["fs_ua"], pm["fs_ua"]),
-            ("FS-UA-KD", averages["fs_ua_kd"], pm["fs_ua_kd"]), ("PSA-MF", averages["psamf"], paper.PSAMF_MOSI),
-            ("Cold start", averages["cold_start"], None)]
+    theirs = {"baseline": pm["baseline"], "fs_ua": pm["fs_ua"], "fs_ua_kd": pm["fs_ua_kd"], "psamf": paper.PSAMF_MOSI}
+    rows = [(MODELS[m].split(" (")[0] + ("" if counts[m] == n_users else f" ({counts[m]} of {n_users} users)"),
+             averages[m], theirs.get(m)) for m in MODELS]
     out = ["<table><tr><th>Model</th><th>ours MAE</th><th>paper MAE</th><th>ours Corr</th><th>paper Corr</th>"
            "<th>ours Non0-Acc2 %</th><th>paper Acc2 %</th></tr>"]
 
@@ -262,8 +266,14 @@ CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1
        ".caveat{background:#fff4e0;border-left:4px solid #f0a020;padding:.6em 1em}img{max-width:100%}")
 
 
+def _md_code(text: str) -> str:
+    """Escape, then show Markdown `code` spans (the provenance line's) as <code>."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def _html(loo: dict[str, Any], df: pd.DataFrame, kd: list[dict[str, Any]], averages: dict[str, dict[str, float]],
-          out: Path, psamf_missing: str) -> str:
+          counts: dict[str, int], out: Path, psamf_missing: str) -> str:
     caveats = [provenance(loo["corpus"], loo["av_simulated"], loo.get("text_features")),
                "The papers' numbers are on real CMU-MOSI with real COVAREP/FACET features; ours are comparable "
                "only where the corpus is `mosi` and the AV features are real." if loo["av_simulated"] or
@@ -282,16 +292,16 @@ def _html(loo: dict[str, Any], df: pd.DataFrame, kd: list[dict[str, Any]], avera
 <html lang="en"><head><meta charset="utf-8"><title>psamf personalization report</title>
 <style>{CSS}</style></head><body>
 <h1>Personalization report: {len(loo['users'])} LOO users</h1>
-<div class="caveat"><ul>{''.join(f'<li>{html.escape(c)}</li>' for c in caveats)}</ul></div>
+<div class="caveat"><ul>{''.join(f'<li>{_md_code(c)}</li>' for c in caveats)}</ul></div>
 <p>{loo['k_shot']}-shot support sets, {loo['draws']} seeded draws per user, KD &lambda; = {loo['kd_lambda']}.
 Few-shot rows: mean over draws with a 95% t-interval over draws, scored on the user's segments outside each
 support set. PSA-MF and cold-start rows: one model, so the 95% CI is a percentile bootstrap over the user's
 segments. Green rows: the lowest-MAE held-out model for that user.</p>
 <h2>Mean over users, beside the papers</h2>
-{_paper_table(averages)}
+{_paper_table(averages, counts, len(loo['users']))}
 <p>Paper conventions: Personalized MulT (MOSI, its 10 users, Tables 1-3) prints binary accuracy from the MulT
-repo, the Non0 subset; PSA-MF (MOSI) does not state its convention and is read as Non0 (MMSA).
-Neither paper reports a cold-start row.</p>
+repo, the Non0 subset; PSA-MF (MOSI) does not state its convention and is read as Non0 (MMSA), and its
+row is the whole test split, not a mean over speakers. Neither paper reports a cold-start row.</p>
 <h2>Per user</h2>
 {_table(df)}
 <h2>Paired KD gain</h2>

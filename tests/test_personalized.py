@@ -196,6 +196,8 @@ def test_personalization_report_has_every_user_and_model_and_explains_each_nan(c
             assert abs(r["MAE"] - (sub.pred - sub.label).abs().mean()) < 1e-9
             assert r["MAE_lo"] <= r["MAE"] <= r["MAE_hi"]
             assert (r["psamf_split"] == "valid") == ("best epoch" in r["note"])
+    held_out_users = set(preds.speaker_id) & set(summary["users"])
+    assert rep["users_scored"] == {**{m: len(summary["users"]) for m in MODELS}, "psamf": len(held_out_users)}
     kd = {k["user"]: k for k in rep["kd_gain"]}
     assert set(kd) == set(summary["users"])
     assert Path(rep["files"]["forest"]).read_bytes()[:4] == b"\x89PNG"
