@@ -67,10 +67,10 @@ def finetune(profile: str, overrides: List[str], params_yaml: str, fingerprint: 
 @component
 def loo_report(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
                reports: Input[List[Dataset]], tables: Output[Artifact], markdown: Output[Markdown],
-               metrics: Output[Metrics]):
+               page: Output[HTML], metrics: Output[Metrics]):
     from psamf.orchestration import loo_report_stage
     loo_report_stage(profile, overrides, params_yaml, fingerprint, dataset.path, [r.path for r in reports],
-                     tables.path, markdown.path, metrics)
+                     tables.path, markdown.path, metrics, page.path)
 
 
 @component

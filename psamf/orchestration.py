@@ -234,12 +234,14 @@ def finetune_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
 
 def loo_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                      reports: Sequence[str], out_dir: str, markdown: str,
-                     metrics: MetricsSink | None = None) -> dict[str, Any]:
+                     metrics: MetricsSink | None = None, page: str | None = None) -> dict[str, Any]:
     from psamf.personalized import tracked_loo_report
 
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset)
     summary = tracked_loo_report(cfg, report_files=[Path(p) for p in reports], out_dir=out_dir)
     shutil.copyfile(summary["files"]["markdown"], markdown)
+    if page:  # tables + chart as one HTML page for the KFP UI (Markdown cannot carry the chart)
+        shutil.copyfile(summary["files"]["html"], page)
     log_metrics(metrics, {f"{v}_{m}": x for v, ms in summary["averages"].items() for m, x in ms.items()})
     return summary
 

@@ -16,7 +16,6 @@ is pure aggregation: no model is loaded and it runs in seconds anywhere.
 """
 from __future__ import annotations
 
-import base64
 import html
 import math
 from pathlib import Path
@@ -30,7 +29,7 @@ from psamf.config import Config
 from psamf.errors import InputError
 from psamf.io import read_json, write_json, write_text
 from psamf.metrics import CONVENTIONS
-from psamf.reports import provenance, save_figure, write_csv
+from psamf.reports import embed_png, html_page, provenance, save_figure, write_csv
 from psamf.stats import bootstrap_ci, mean_ci
 
 METRICS = {"MAE": "mae", "Corr": "corr", "Non0-Acc2": "non0_acc2"}
@@ -255,17 +254,6 @@ def _paper_table(averages: dict[str, dict[str, float]], counts: dict[str, int], 
     return "".join(out) + "</table>"
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px}"
-       ".ci{color:#666;font-size:11px}.best{background:#e6f4e6}.nan{color:#a00}"
-       ".caveat{background:#fff4e0;border-left:4px solid #f0a020;padding:.6em 1em}img{max-width:100%}")
-
-
 def _md_code(text: str) -> str:
     """Escape, then show Markdown `code` spans (the provenance line's) as <code>."""
     parts = html.escape(text).split("`")
@@ -288,10 +276,7 @@ def _html(loo: dict[str, Any], df: pd.DataFrame, kd: list[dict[str, Any]], avera
                           f"<td>[{k['lo']:.4f}, {k['hi']:.4f}]</td><td>{'yes' if k['excludes_zero'] else 'no'}</td></tr>"
                           for k in kd)
     conv = "".join(f"<li><code>{k}</code>: {html.escape(CONVENTIONS[k])}</li>" for k in METRICS.values())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>psamf personalization report</title>
-<style>{CSS}</style></head><body>
-<h1>Personalization report: {len(loo['users'])} LOO users</h1>
+    return html_page("psamf personalization report", f"""<h1>Personalization report: {len(loo['users'])} LOO users</h1>
 <div class="caveat"><ul>{''.join(f'<li>{_md_code(c)}</li>' for c in caveats)}</ul></div>
 <p>{loo['k_shot']}-shot support sets, {loo['draws']} seeded draws per user, KD &lambda; = {loo['kd_lambda']}.
 Few-shot rows: mean over draws with a 95% t-interval over draws, scored on the user's segments outside each
@@ -306,10 +291,8 @@ row is the whole test split, not a mean over speakers. Neither paper reports a c
 {_table(df)}
 <h2>Paired KD gain</h2>
 <p>Mean over users of baseline MAE &minus; FS-UA-KD MAE: {gain['mean']:.4f} [{gain['lo']:.4f}, {gain['hi']:.4f}].</p>
-{_img(out / FILES['forest'], 'forest plot of the paired KD gain per user')}
+{embed_png(out / FILES['forest'], 'forest plot of the paired KD gain per user')}
 <table><tr><th>User</th><th>gain</th><th>95% CI over draws</th><th>CI excludes 0</th></tr>{forest_rows}</table>
 <h2>Per-user chart</h2>
-{_img(out / FILES['chart'], 'MAE and Non0-Acc2 per user for every model')}
-<h2>Metric conventions</h2><ul>{conv}</ul>
-</body></html>
-"""
+{embed_png(out / FILES['chart'], 'MAE and Non0-Acc2 per user for every model')}
+<h2>Metric conventions</h2><ul>{conv}</ul>""")

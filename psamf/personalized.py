@@ -336,9 +336,11 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
     By default reads <finetune.out_dir>/<corpus>/<user>.json for the LOO users; orchestrators
     that kept each user's report elsewhere pass `report_files` instead (skipped slots' markers
     among them are passed over)."""
+    import html
     import json
 
-    from psamf.reports import conventions_note, markdown_table, provenance, save_figure, write_csv, write_text
+    from psamf.reports import (conventions_note, embed_png, html_page, html_table, markdown_table, provenance,
+                               save_figure, write_csv, write_text)
 
     if report_files is not None:
         by_user = {}
@@ -383,12 +385,18 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
           f"\n{first['k_shot']}-shot support sets, {first['draws']} seeded draws per user "
           f"({'stratified' if first['stratified'] else 'uniform'}), KD λ = {first['kd_lambda']}. "
           "Cells are per-user means over draws; `[lo, hi]` is the 95% t-interval over draws.\n"]
+    page = [f"<h1>Personalized MulT: leave-one-out few-shot results ({len(users)} users)</h1>",
+            f"<p>{html.escape(md[1] + md[2])}</p>"]
     for v in VARIANTS:
         sub = df[df.variant == v]
         table_rows = [{"User": r.user, **{n: f"{getattr(r, n):.3f} [{getattr(r, n + '_lo'):.3f}, {getattr(r, n + '_hi'):.3f}]"
                                          for n in TABLE_METRICS}} for r in sub.itertuples()]
-        table_rows.append({"User": "**Average**", **{n: f"**{averages[v][n]:.3f}**" for n in TABLE_METRICS}})
-        md += [f"\n## {VARIANT_NAMES[v]}\n", markdown_table(table_rows, ["User", *TABLE_METRICS])]
+        md += [f"\n## {VARIANT_NAMES[v]}\n", markdown_table(
+            table_rows + [{"User": "**Average**", **{n: f"**{averages[v][n]:.3f}**" for n in TABLE_METRICS}}],
+            ["User", *TABLE_METRICS])]
+        page += [f"<h2>{VARIANT_NAMES[v]}</h2>", html_table(
+            table_rows + [{"User": "Average", **{n: f"{averages[v][n]:.3f}" for n in TABLE_METRICS}}],
+            ["User", *TABLE_METRICS])]
     md += [f"\nMean over users of (baseline MAE − FS-UA-KD MAE): {kd_gain['mean']:.4f} "
            f"[{kd_gain['lo']:.4f}, {kd_gain['hi']:.4f}] (95% CI; > 0 means KD fine-tuning lowered MAE).\n",
            "\n" + conventions_note(list(TABLE_METRICS.values()))]
@@ -397,6 +405,10 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
     write_text(out / "loo_report.md", "".join(md))
     fig = loo_chart(df, users)
     save_figure(fig, out / "loo_chart.png")
+    # The same tables and the chart as one page: what the KFP UI renders for the loo-report task.
+    page += [f"<p>{html.escape(md[-2].strip())}</p>", embed_png(out / "loo_chart.png", "per-user Acc2 and MAE"),
+             f"<pre>{html.escape(md[-1].strip())}</pre>"]
+    write_text(out / "loo_report.html", html_page("psamf LOO report", "\n".join(page)))
     summary = {"corpus": cfg.data.corpus, "av_simulated": first["av_simulated"], "users": users,
                "averages": averages, "kd_mae_gain": kd_gain, "metric_keys": TABLE_METRICS,
                "k_shot": first["k_shot"], "draws": first["draws"], "kd_lambda": first["kd_lambda"],
@@ -404,7 +416,7 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
                # Everything but the draws, so `psamf report` needs this one file, not K of them.
                "per_user": {r["user"]: {k: v for k, v in r.items() if k != "per_draw"} for r in reports},
                "files": {k: str(out / f) for k, f in (("csv", "loo_table.csv"), ("markdown", "loo_report.md"),
-                                                       ("chart", "loo_chart.png"))}}
+                                                       ("chart", "loo_chart.png"), ("html", "loo_report.html"))}}
     write_json(out / "loo_summary.json", summary)
     # Flat numbers for `dvc metrics show` / KFP Metrics: <variant>.<metric>.
     write_json(out / "metrics.json", {**{f"{v}.{m}": round(x, 6) for v, ms in averages.items() for m, x in ms.items()},

@@ -47,4 +47,37 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-__all__ = ["fmt", "markdown_table", "provenance", "conventions_note", "write_csv", "save_figure", "write_text"]
+CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px}"
+       ".ci{color:#666;font-size:11px}.best{background:#e6f4e6}.nan{color:#a00}"
+       ".caveat{background:#fff4e0;border-left:4px solid #f0a020;padding:.6em 1em}img{max-width:100%}")
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained page (KFP's HTML viewer and MLflow show it as one file)."""
+    import html
+
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    import html
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def embed_png(path: str | Path, alt: str) -> str:
+    """An <img> carrying the PNG itself, so the page needs no other file."""
+    import base64
+    import html
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+__all__ = ["fmt", "markdown_table", "provenance", "conventions_note", "write_csv", "save_figure", "write_text", "html_page", "html_table",
+           "embed_png"]

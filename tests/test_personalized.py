@@ -127,6 +127,9 @@ def test_smoke_loo_writes_the_paper_tables(corpus, loo_run):
         assert needle in md
     png = Path(summary["files"]["chart"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    page = Path(summary["files"]["html"]).read_text()  # the KFP UI's view: tables and the chart in one file
+    assert page.count("<table>") == 3 and "data:image/png;base64," in page
+    assert all(u in page for u in summary["users"])
     import pandas as pd
     table = pd.read_csv(summary["files"]["csv"])
     assert len(table) == 3 * cfg.data.loo_users

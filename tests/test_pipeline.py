@@ -251,6 +251,7 @@ def test_the_kfp_ui_gets_html_and_markdown_visualizations(compiled):
 
     assert outputs("validate")["data_docs"] == "system.HTML"  # GX data docs
     assert outputs("loo-report")["markdown"] == "system.Markdown"  # the LOO tables
+    assert outputs("loo-report")["page"] == "system.HTML"  # the tables with the chart
     assert outputs("tune-report")["plots"] == "system.HTML"  # interactive Optuna plots
     assert outputs("report")["page"] == "system.HTML"  # the personalization report
     for t in ("ingest", "validate", "loo-report", "tune-report", "train", "register", "report"):
