@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from psamf.cli_common import (CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json,  # noqa: F401
+from psamf.cli_common import (CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json,
                                one_line_errors)
 from psamf.config import Config
 from psamf.errors import InputError
@@ -25,7 +25,6 @@ app.add_typer(data_app, name="data")
 def _options(ctx: typer.Context, log_level: Annotated[str, typer.Option(
         "--log-level", envvar="PSAMF_LOG_LEVEL", help="DEBUG | INFO | WARNING | ERROR")] = "WARNING") -> None:
     """Personalized multimodal sentiment analysis pipeline."""
-    from psamf.errors import InputError
     from psamf.logs import configure
 
     try:

@@ -10,15 +10,12 @@ are the same `regression_metrics` values the custom metrics log.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from psamf.metrics import CONVENTIONS, regression_metrics
-
-PLOTS = ("predicted_vs_true", "residuals")
-
 
 def convention_metrics() -> list:
     """MLflow metrics: `psamf/<key>` for every psamf.metrics convention, and per-segment `abs_error`."""
@@ -86,10 +83,3 @@ def evaluate_logged_model(model_info, frame: pd.DataFrame, labels: Sequence[floa
                            custom_artifacts=[_plots], model_id=getattr(model_info, "model_id", None),
                            evaluator_config={"log_model_explainability": False})
     return metrics
-
-
-def evaluation_artifacts(client, run_id: str) -> dict[str, Any]:
-    """What `evaluate_logged_model` left on a run: artifact paths by kind (for checks and reports)."""
-    paths = [a.path for a in client.list_artifacts(run_id)]
-    return {"plots": [p for p in paths if any(p.startswith(k) for k in PLOTS)],
-            "table": [p for p in paths if p.startswith("eval_results_table")]}

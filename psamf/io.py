@@ -65,7 +65,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # what read_text expects; never the locale's default
     return Path(path)
 
 

@@ -29,7 +29,7 @@ from psamf.config import Config
 from psamf.errors import InputError
 from psamf.io import read_json, write_json, write_text
 from psamf.metrics import CONVENTIONS
-from psamf.reports import embed_png, html_page, provenance, save_figure, write_csv
+from psamf.reports import ci_bars, embed_png, html_page, provenance, save_figure, write_csv
 from psamf.stats import bootstrap_ci, mean_ci
 
 METRICS = {"MAE": "mae", "Corr": "corr", "Non0-Acc2": "non0_acc2"}
@@ -133,7 +133,8 @@ def build(loo_summary: str | Path, model_dir: str | Path | None, out_dir: str | 
 
     out = Path(out_dir)
     write_csv(out / FILES["csv"], df)
-    save_figure(_per_user_chart(df, users), out / FILES["chart"])
+    save_figure(ci_bars(df, users, "model", MODELS, {"MAE": "MAE (lower is better)", "Non0-Acc2": "Non0-Acc2"},
+                        "Per LOO user: every model, mean with 95% CI"), out / FILES["chart"])
     save_figure(_forest(kd, loo["kd_mae_gain"]), out / FILES["forest"])
     summary = {"corpus": loo["corpus"], "av_simulated": loo["av_simulated"], "users": users,
                "averages": averages, "users_scored": counts, "kd_gain": kd, "kd_gain_mean": loo["kd_mae_gain"],
@@ -165,31 +166,6 @@ def _kd_gains(users: list[str], per_user: dict[str, Any]) -> list[dict[str, Any]
 def _json_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
     rows = df.to_dict("records")
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
-
-
-def _per_user_chart(df: pd.DataFrame, users: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 1, figsize=(max(7, 1.3 * len(users)), 7), sharex=True)
-    x = np.arange(len(users))
-    w = 0.8 / len(MODELS)
-    for ax, metric in zip(axes, ("MAE", "Non0-Acc2")):
-        for i, (m, label) in enumerate(MODELS.items()):
-            sub = df[df.model == m].set_index("user").reindex(users)
-            err = np.vstack([sub[metric] - sub[f"{metric}_lo"], sub[f"{metric}_hi"] - sub[metric]])
-            pos = x + (i - (len(MODELS) - 1) / 2) * w
-            ax.bar(pos, sub[metric], w, yerr=np.nan_to_num(np.abs(err)), capsize=2, label=label)
-            for p in pos[sub[metric].isna().to_numpy()]:  # a missing bar is marked; the table says why
-                ax.text(p, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
-        ax.set_ylabel(metric + (" (lower is better)" if metric == "MAE" else ""))
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=3)
-    axes[1].set_xticks(x, users, rotation=45, ha="right", fontsize=8)
-    fig.suptitle("Per LOO user: every model, mean with 95% CI")
-    return fig
 
 
 def _forest(kd: list[dict[str, Any]], overall: dict[str, float]):

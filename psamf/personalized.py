@@ -339,8 +339,8 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
     import html
     import json
 
-    from psamf.reports import (conventions_note, embed_png, html_page, html_table, markdown_table, provenance,
-                               save_figure, write_csv, write_text)
+    from psamf.reports import (ci_bars, conventions_note, embed_png, html_page, html_table, markdown_table,
+                               provenance, save_figure, write_csv, write_text)
 
     if report_files is not None:
         by_user = {}
@@ -403,7 +403,8 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
     out = Path(out_dir) if out_dir else Path(cfg.finetune.out_dir) / cfg.data.corpus
     write_csv(out / "loo_table.csv", df)
     write_text(out / "loo_report.md", "".join(md))
-    fig = loo_chart(df, users)
+    fig = ci_bars(df, users, "variant", VARIANT_NAMES, {"Acc2": "Acc2 (Non0)", "MAE": "MAE (lower is better)"},
+                  "Personalized MulT, leave-one-out few-shot (mean ± 95% CI over draws)")
     save_figure(fig, out / "loo_chart.png")
     # The same tables and the chart as one page: what the KFP UI renders for the loo-report task.
     page += [f"<p>{html.escape(md[-2].strip())}</p>", embed_png(out / "loo_chart.png", "per-user Acc2 and MAE"),
@@ -422,26 +423,3 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
     write_json(out / "metrics.json", {**{f"{v}.{m}": round(x, 6) for v, ms in averages.items() for m, x in ms.items()},
                                       "kd_mae_gain": round(kd_gain["mean"], 6)})
     return summary
-
-
-def loo_chart(df: pd.DataFrame, users: list[str]):
-    """Per-user Acc2 and MAE for the three variants, with 95% CI error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.1 * len(users)), 6.5), sharex=True)
-    x = np.arange(len(users))
-    w = 0.27
-    for ax, metric in zip(axes, ("Acc2", "MAE")):
-        for i, v in enumerate(VARIANTS):
-            sub = df[df.variant == v].set_index("user").loc[users]
-            err = np.vstack([sub[metric] - sub[f"{metric}_lo"], sub[f"{metric}_hi"] - sub[metric]])
-            ax.bar(x + (i - 1) * w, sub[metric], w, yerr=np.nan_to_num(err), capsize=2, label=VARIANT_NAMES[v])
-        ax.set_ylabel(f"{metric} ({'Non0' if metric == 'Acc2' else 'lower is better'})")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=3)
-    axes[1].set_xticks(x, users, rotation=45, ha="right", fontsize=8)
-    fig.suptitle("Personalized MulT, leave-one-out few-shot (mean ± 95% CI over draws)")
-    return fig

@@ -107,11 +107,10 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
     args = pipeline_arguments(profile, overrides, params, data_source, run_name=run_name)
     if not force:
         from psamf import tracking
-        from psamf.tracking import should_run
         from psamf.orchestration import run_fingerprint
 
         cfg, _, fp, _ = run_fingerprint(args["profile"], args["overrides"], args["params_yaml"], args["data_source"])
-        go, reason = should_run(cfg, fp)
+        go, reason = tracking.should_run(cfg, fp)
         if not go:
             with tracking.stage_run(cfg, "pipeline", f"{run_name}[skipped]",
                                     {"pipeline_fingerprint": fp, "skipped": True, "decision_reason": reason}):

@@ -59,8 +59,8 @@ from psamf.data.align import av_inputs
 from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.errors import InputError
 from psamf.io import atomic_dir, atomic_path, write_json
-from psamf.reports import write_csv
 from psamf.metrics import CONVENTIONS, regression_metrics
+from psamf.reports import write_csv
 from psamf.training import (PERSONALITY_PREFIX, Batch, BatchProgress, autocast, config_fingerprint, fit,
                             predict, resolve_device, seed_everything, to_device, tokenize, trim_padding)
 
@@ -317,6 +317,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
             if trial is None:  # a tune trial's model is thrown away: no file worth its writing
                 write_predictions(out_dir / PREDICTIONS, ds, held_out)
                 write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
+                tracking.log_artifact(out_dir / PREDICTIONS, "train")
             _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
                         av_simulated=ds.av_simulated)
             write_json(out_dir / "metrics.json", report)
@@ -324,8 +325,6 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
                                   **{f"test_{k}": v for k, v in report["test"].items()},
                                   "best_epoch": result.best_epoch})
             tracking.log_artifact(out_dir / "metrics.json", "train")
-            if trial is None:
-                tracking.log_artifact(out_dir / PREDICTIONS, "train")
     if not tc.keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
         if store is not None:

@@ -79,6 +79,8 @@ def test_set_id(corpus: str, segment_ids: Iterable[str], av_simulated: bool, con
 
 def dataset_test_set_id(ds, idx) -> str:
     """test_set_id of rows `idx` of a prepared dataset: ids, labels, seq_len, text and features."""
+    import json
+
     import numpy as np
 
     from psamf.training import tensor_digest
@@ -89,8 +91,6 @@ def dataset_test_set_id(ds, idx) -> str:
                "text": hashlib.sha256("\n".join(seg["text"].astype(str)).encode()).hexdigest(),
                "seq_len": int(ds.manifest.get("seq_len") or 0),
                "features": tensor_digest({k: v[order] for k, v in ds.arrays.items()})}
-    import json
-
     return test_set_id(ds.manifest.get("corpus") or "", seg["segment_id"], ds.av_simulated,
                        json.dumps(content, sort_keys=True))
 

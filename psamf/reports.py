@@ -47,6 +47,37 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+def ci_bars(df: pd.DataFrame, users: Sequence[str], group_col: str, groups: dict[str, str],
+            panels: dict[str, str], title: str):
+    """Per-user grouped bars with 95% CI error bars: one panel per metric column (`<m>`, `<m>_lo`,
+    `<m>_hi`; panels maps it to its y label), one bar per group (`groups`: value of `group_col` ->
+    legend label). A missing value is marked n/a on the axis (the tables say why)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * len(users)), 3.3 * len(panels)), sharex=True)
+    x = np.arange(len(users))
+    w = 0.8 / len(groups)
+    for ax, (metric, ylabel) in zip(np.atleast_1d(axes), panels.items()):
+        for i, (g, label) in enumerate(groups.items()):
+            sub = df[df[group_col] == g].set_index("user").reindex(list(users))
+            err = np.vstack([sub[metric] - sub[f"{metric}_lo"], sub[f"{metric}_hi"] - sub[metric]])
+            pos = x + (i - (len(groups) - 1) / 2) * w
+            ax.bar(pos, sub[metric], w, yerr=np.nan_to_num(np.abs(err)), capsize=2, label=label)
+            for p in pos[sub[metric].isna().to_numpy()]:
+                ax.text(p, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    first, last = np.atleast_1d(axes)[0], np.atleast_1d(axes)[-1]
+    first.legend(fontsize=7, ncol=3)
+    last.set_xticks(x, list(users), rotation=45, ha="right", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
 CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px}"
        ".ci{color:#666;font-size:11px}.best{background:#e6f4e6}.nan{color:#a00}"
@@ -79,5 +110,5 @@ def embed_png(path: str | Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-__all__ = ["fmt", "markdown_table", "provenance", "conventions_note", "write_csv", "save_figure", "write_text", "html_page", "html_table",
-           "embed_png"]
+__all__ = ["fmt", "markdown_table", "provenance", "conventions_note", "write_csv", "save_figure", "write_text",
+           "ci_bars", "html_page", "html_table", "embed_png"]

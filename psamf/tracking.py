@@ -270,9 +270,9 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         return
     import math
 
-    import mlflow
-
     import time
+
+    import mlflow
 
     clean = {k: float(v) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -283,7 +283,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None, *, parent: bool = False) -> None:
-    """Log a file to the active run; with `parent`, to its parent run (the pipeline run) when it has one."""
+    """Log a file to the active run; with `parent`, to its parent run (the pipeline run) instead,
+    and nowhere when it has none."""
     if not enabled():
         return
     import mlflow
@@ -294,8 +295,9 @@ def log_artifact(path: str | Path, artifact_path: str | None = None, *, parent: 
             with _quick_retries():
                 run_id = active.info.run_id
                 if parent:
-                    run_id = mlflow.MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId") or run_id
-                mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
+                    run_id = mlflow.MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId")
+                if run_id:
+                    mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
         except Exception as e:  # the file is on disk; an outage must not fail a finished stage
             log.warning("MLflow: could not log %s (%s)", path, str(e).splitlines()[0][:120])
 

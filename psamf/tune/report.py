@@ -31,8 +31,9 @@ from typing import Any
 from psamf import tracking
 from psamf.config import Config
 from psamf.errors import InputError
-from psamf.io import atomic_path, write_json, write_text
+from psamf.io import write_json, write_text
 from psamf.redact import redact
+from psamf.reports import html_page, markdown_table, provenance, save_figure, write_csv
 from psamf.tune.search import (PARAMS, encoder_depth, load_study, report_dir, storage_url, study_finished,
                                trial_counts)
 
@@ -133,8 +134,6 @@ def _save_pngs(study, out: Path) -> dict[str, Any]:
     import matplotlib
     import optuna
 
-    from psamf.reports import save_figure
-
     matplotlib.use("Agg", force=False)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
@@ -174,12 +173,8 @@ def _save_html(study, path: Path) -> Path:
         section, drawn = _plot_section(study, name, include_js=need_js)
         sections.append(section)
         need_js = need_js and not drawn
-    title = html.escape(f"Optuna study {study.study_name}")
-    page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
-            f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")  # plotly.js has non-ASCII bytes; never the locale default
-    return path
+    title = f"Optuna study {study.study_name}"
+    return write_text(path, html_page(title, f"<h1>{html.escape(title)}</h1>\n" + "\n".join(sections)))
 
 
 def _save_plots(study, out: Path) -> tuple[dict[str, Any], str]:
@@ -189,11 +184,8 @@ def _save_plots(study, out: Path) -> tuple[dict[str, Any], str]:
 
 def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write best_params.json, summary.json/.md, trials.csv and the plots from the study."""
-    from optuna.trial import TrialState
-
     import pandas as pd
-
-    from psamf.reports import markdown_table, provenance, write_csv
+    from optuna.trial import TrialState
 
     if study is None:
         study = load_study(cfg)
