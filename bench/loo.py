@@ -29,7 +29,9 @@ def measure(workdir: str, position_users: int, overrides: list[str] | None = Non
     from psamf.config import load_config
     from psamf.data.ingest import ingest
     from psamf.data.mosi import simulate_av
-    from psamf.personalized import finetune, loo, loo_users, pretrain
+    from psamf.mult.finetune import finetune
+    from psamf.mult.loo import loo, loo_users
+    from psamf.mult.pretrain import pretrain
 
     base = [f"data.raw_dir={workdir}/raw", f"data.prepared_dir={workdir}/prepared",
             f"pretrain.out_dir={workdir}/models", f"finetune.out_dir={workdir}/loo",

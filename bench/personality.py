@@ -7,7 +7,7 @@ YouTube id, `--split-seed`), per-trait Pearson r and the mean over the Big Five:
                        all train clips, and again on exactly the clips the encoder trained on
   tfidf_ridge_official the same on FI's official split (speakers shared between train and test:
                        the README's reference point, r ~ 0.20, inflated by the overlap)
-  encoder              `psamf personality train` (psamf.personality_model.train_personality), the
+  encoder              `psamf personality train` (psamf.psa_mf.personality.train_personality), the
                        real stage, with --epochs / --max-train-clips / --max-len / --lr
 
 Target: encoder mean r >= 0.30 on the speaker-disjoint test set.
@@ -48,7 +48,7 @@ def tfidf_ridge(train, evals: dict, traits) -> dict:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import Ridge
 
-    from psamf.personality_model import trait_metrics
+    from psamf.psa_mf.personality import trait_metrics
 
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=50000)
     x_train = vec.fit_transform(train["text"])
@@ -84,8 +84,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from psamf.config import load_config
-    from psamf.data.personality import TRAITS, find_real_corpus, load_personality_corpus, speaker_disjoint_split
-    from psamf.personality_model import SPLIT_FRACTIONS, cap_train
+    from psamf.data.first_impressions import TRAITS, find_real_corpus, load_personality_corpus, speaker_disjoint_split
+    from psamf.psa_mf.personality import SPLIT_FRACTIONS, cap_train
 
     base = load_config(args.params, "demo", ["data.corpus=mosi"])
     corpus_dir = find_real_corpus(base.data.shared_path)
@@ -115,7 +115,7 @@ def main() -> None:
     results["tfidf_s"] = round(time.perf_counter() - t0, 1)
 
     if not args.skip_encoder:
-        from psamf.personality_model import train_personality
+        from psamf.psa_mf.personality import train_personality
 
         os.environ.setdefault("PSAMF_TRACKING", "off")
         with tempfile.TemporaryDirectory() as work:

@@ -311,7 +311,7 @@ def main() -> None:
         ap.error(f"unknown ablation(s) {sorted(unknown)}")
 
     from psamf.config import load_config
-    from psamf.data.personality import find_real_corpus
+    from psamf.data.first_impressions import find_real_corpus
 
     probe = load_config(args.params, "demo", ["data.corpus=mosi"])
     if not (probe.data.mosi_path / "CMU_MOSI_Opinion_Labels.csd").is_file() or find_real_corpus(probe.data.shared_path) is None:
@@ -404,7 +404,7 @@ def main() -> None:
         res["data"]["label_by_split"] = label_stats(c0)
         write(res)
 
-        from psamf.personality_model import train_personality
+        from psamf.psa_mf.personality import train_personality
 
         t = time.perf_counter()
         p = train_personality(c0)
@@ -413,7 +413,7 @@ def main() -> None:
                               "wall_s": res["wall_s"]["personality"], "corpus": "first-impressions-v2 (real)"}
         write(res)
 
-        from psamf.tune import tune
+        from psamf.psa_mf.tune import tune
 
         res["search"] = {}
         pruners = [] if args.best_params else [p for p in args.pruners.split(",") if p]
@@ -470,7 +470,7 @@ def main() -> None:
             best = res["search"][src]["best_params"] if src else {}
         res["main_params"] = {"from_search": src, **(best or {})}
         best_sets = [f"{k}={json.dumps(v)}" for k, v in (best or {}).items()]
-        from psamf.psamf_train import train_psamf, train_text_baseline
+        from psamf.psa_mf.train import train_psamf, train_text_baseline
 
         keep = ("valid", "test", "best_epoch", "history")
         res["main"] = {}

@@ -71,13 +71,13 @@ def train_run(cfg, train, valid, n_users: int, epochs: int, tracked: bool) -> di
     from psamf import tracking
     from psamf.metrics import regression_metrics
     from psamf.models.mult import MulT
-    from psamf.personalized import forward, l1_loss
+    from psamf.mult.pretrain import forward, l1_loss
     from psamf.training import fit, predict, seed_everything
 
     os.environ["PSAMF_TRACKING"] = "on" if tracked else "off"
     seed_everything(0)
     model = MulT.from_config(cfg.mult, cfg.user_adapter, 384, cfg.data.audio_dim, cfg.data.visual_dim, n_users=n_users)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr, fused=True)  # as psamf.personalized.pretrain
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr, fused=True)  # as psamf.mult.pretrain
     epoch_end: list[float] = []
 
     def evaluate(m):
@@ -217,7 +217,8 @@ def log_model_times(cfg, tmp: Path, infer: bool) -> dict:
     import mlflow
     import torch
 
-    from psamf import serving, tracking
+    from psamf import tracking
+    from psamf.registry import serving
     from psamf.models.mult import MulT
     from psamf.models.user_adapter import UserVocab
 

@@ -1,8 +1,8 @@
-"""One thin KFP component per pipeline stage. Each only calls psamf.orchestration.
+"""One thin KFP component per pipeline stage. Each only calls psamf.stages.
 
 All components run in the one psamf image (psamf + kfp installed, so install_kfp_package=False).
 Set PSAMF_IMAGE when compiling for a cluster; locally, kfp.local's SubprocessRunner runs them
-in this virtualenv. Every input is content-keyed (see psamf.orchestration), so KFP can cache.
+in this virtualenv. Every input is content-keyed (see psamf.stages), so KFP can cache.
 """
 import os
 from typing import List, NamedTuple
@@ -17,7 +17,7 @@ component = dsl.component(base_image=IMAGE, install_kfp_package=False)
 @component
 def fingerprint(profile: str, overrides: List[str], params_yaml: str, data_source: str,
                 run_name: str) -> NamedTuple("Outputs", data_version=str, fingerprint=str):
-    from psamf.orchestration import fingerprint_stage
+    from psamf.stages import fingerprint_stage
     r = fingerprint_stage(profile, overrides, params_yaml, data_source, run_name)
     return (r["data_version"], r["fingerprint"])
 
@@ -25,42 +25,42 @@ def fingerprint(profile: str, overrides: List[str], params_yaml: str, data_sourc
 @component
 def fetch_data(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, data_source: str,
                data_version: str, raw: Output[Dataset]):
-    from psamf.orchestration import fetch_stage
+    from psamf.stages import fetch_stage
     fetch_stage(profile, overrides, params_yaml, fingerprint, data_source, data_version, raw.path)
 
 
 @component
 def ingest(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, raw: Input[Dataset],
            dataset: Output[Dataset], metrics: Output[Metrics]):
-    from psamf.orchestration import ingest_stage
+    from psamf.stages import ingest_stage
     ingest_stage(profile, overrides, params_yaml, fingerprint, raw.path, dataset.path, metrics)
 
 
 @component
 def validate(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
              data_docs: Output[HTML], metrics: Output[Metrics]):
-    from psamf.orchestration import validate_stage
+    from psamf.stages import validate_stage
     validate_stage(profile, overrides, params_yaml, fingerprint, dataset.path, data_docs.path, metrics)
 
 
 @component
 def personality(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, raw: Input[Dataset],
                 model: Output[Model], metrics: Output[Metrics]):
-    from psamf.orchestration import personality_stage
+    from psamf.stages import personality_stage
     personality_stage(profile, overrides, params_yaml, fingerprint, raw.path, model.path, metrics)
 
 
 @component
 def pretrain(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, rank: int,
              dataset: Input[Dataset], model: Output[Model]):
-    from psamf.orchestration import pretrain_stage
+    from psamf.stages import pretrain_stage
     pretrain_stage(profile, overrides, params_yaml, fingerprint, dataset.path, rank, model.path)
 
 
 @component
 def finetune(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, rank: int,
              dataset: Input[Dataset], pretrained: Input[Model], report: Output[Dataset]):
-    from psamf.orchestration import finetune_stage
+    from psamf.stages import finetune_stage
     finetune_stage(profile, overrides, params_yaml, fingerprint, dataset.path, rank, pretrained.path, report.path)
 
 
@@ -68,7 +68,7 @@ def finetune(profile: str, overrides: List[str], params_yaml: str, fingerprint: 
 def loo_report(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
                reports: Input[List[Dataset]], tables: Output[Artifact], markdown: Output[Markdown],
                page: Output[HTML], metrics: Output[Metrics]):
-    from psamf.orchestration import loo_report_stage
+    from psamf.stages import loo_report_stage
     loo_report_stage(profile, overrides, params_yaml, fingerprint, dataset.path, [r.path for r in reports],
                      tables.path, markdown.path, metrics, page.path)
 
@@ -76,14 +76,14 @@ def loo_report(profile: str, overrides: List[str], params_yaml: str, fingerprint
 @component
 def tune_study(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
                personality_model: Input[Model]) -> str:
-    from psamf.orchestration import tune_study_stage
+    from psamf.stages import tune_study_stage
     return tune_study_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path)
 
 
 @component
 def tune_worker(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, rank: int,
                 dataset: Input[Dataset], personality_model: Input[Model], trials: Output[Artifact]):
-    from psamf.orchestration import tune_worker_stage
+    from psamf.stages import tune_worker_stage
     tune_worker_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path, rank,
                       trials.path)
 
@@ -92,7 +92,7 @@ def tune_worker(profile: str, overrides: List[str], params_yaml: str, fingerprin
 def tune_report(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
                 personality_model: Input[Model], workers: Input[List[Artifact]], best_params: Output[Artifact],
                 plots: Output[HTML], metrics: Output[Metrics]):
-    from psamf.orchestration import tune_report_stage
+    from psamf.stages import tune_report_stage
     tune_report_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path,
                       best_params.path, metrics, plots.path)
 
@@ -101,7 +101,7 @@ def tune_report(profile: str, overrides: List[str], params_yaml: str, fingerprin
 def train(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
           personality_model: Input[Model], best_params: Input[Artifact], model: Output[Model],
           metrics: Output[Metrics]):
-    from psamf.orchestration import train_stage
+    from psamf.stages import train_stage
     train_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path,
                 best_params.path, model.path, metrics)
 
@@ -109,7 +109,7 @@ def train(profile: str, overrides: List[str], params_yaml: str, fingerprint: str
 @component
 def register(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
              personality_model: Input[Model], model: Input[Model], metrics: Output[Metrics]):
-    from psamf.orchestration import register_stage
+    from psamf.stages import register_stage
     register_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path, model.path,
                    metrics)
 
@@ -118,6 +118,6 @@ def register(profile: str, overrides: List[str], params_yaml: str, fingerprint: 
 def report(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
            loo_tables: Input[Artifact], model: Input[Model], page: Output[HTML], files: Output[Artifact],
            metrics: Output[Metrics]):
-    from psamf.orchestration import report_stage
+    from psamf.stages import report_stage
     report_stage(profile, overrides, params_yaml, fingerprint, dataset.path, loo_tables.path, model.path,
                  page.path, files.path, metrics)

@@ -5,8 +5,8 @@
     sqlite      flock on a file in the temp dir named after the database: released by the kernel
     other       no lock (kind == "none"); callers say what that means for them
 
-Used around Optuna's "count the trials, then ask for one" (psamf.tune) and the registry gate's
-"read @champion, decide, move the alias" (psamf.registry).
+Used around Optuna's "count the trials, then ask for one" (psamf.psa_mf.tune) and the registry gate's
+"read @champion, decide, move the alias" (psamf.registry.gate).
 """
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ def validate_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
 
 def personality_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, raw: str,
                       model: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
-    from psamf.personality_model import train_personality
+    from psamf.psa_mf.personality import train_personality
 
     set_task_threads()
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, raw=raw, extra=[f"personality.out_dir={model}"])
@@ -205,7 +205,8 @@ def personality_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
 
 def pretrain_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    rank: int, model: str) -> dict[str, Any] | None:
-    from psamf.personalized import pretrain, skipped_slot_file, user_at_rank, write_skipped_slot
+    from psamf.mult.pretrain import pretrain
+    from psamf.mult.loo import skipped_slot_file, user_at_rank, write_skipped_slot
 
     set_task_threads(in_loo_loop=True)
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
@@ -220,7 +221,8 @@ def pretrain_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
 def finetune_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    rank: int, pretrained: str, report: str) -> dict[str, Any] | None:
     """Writes the user's finetune report JSON to `report` (the skipped-slot marker for a skipped slot)."""
-    from psamf.personalized import finetune, user_at_rank, write_skipped_slot
+    from psamf.mult.finetune import finetune
+    from psamf.mult.loo import user_at_rank, write_skipped_slot
 
     set_task_threads(in_loo_loop=True)
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
@@ -235,7 +237,7 @@ def finetune_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
 def loo_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                      reports: Sequence[str], out_dir: str, markdown: str,
                      metrics: MetricsSink | None = None, page: str | None = None) -> dict[str, Any]:
-    from psamf.personalized import tracked_loo_report
+    from psamf.mult.loo import tracked_loo_report
 
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset)
     summary = tracked_loo_report(cfg, report_files=[Path(p) for p in reports], out_dir=out_dir)
@@ -252,7 +254,7 @@ def _tune_config(profile: str, overrides: Sequence[str], params_yaml: str, finge
                  personality: str, out_dir: str) -> Config:
     """One study per fingerprint: a shared storage (PostgreSQL) never hands a run the trials of
     another run's data or code, and a retried task resumes its own study. The storage URL
-    itself is read from $PSAMF_OPTUNA_STORAGE where it is used (psamf.tune.storage_url)."""
+    itself is read from $PSAMF_OPTUNA_STORAGE where it is used (psamf.psa_mf.tune.storage_url)."""
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
                        extra=[f"psamf.personality_encoder={personality}", f"tune.out_dir={out_dir}"])
     if fingerprint:
@@ -264,7 +266,7 @@ def _tune_config(profile: str, overrides: Sequence[str], params_yaml: str, finge
 def tune_study_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                      personality: str) -> str:
     """Create the study once, before any worker task starts (concurrent creation races)."""
-    from psamf.tune import create_study, preflight
+    from psamf.psa_mf.tune import create_study, preflight
 
     cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality, tempfile.mkdtemp())
     preflight(cfg)
@@ -275,7 +277,7 @@ def tune_study_stage(profile: str, overrides: Sequence[str], params_yaml: str, f
 def tune_worker_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                       personality: str, rank: int, out_dir: str) -> dict[str, Any]:
     """One worker of the study (a ParallelFor iteration, one GPU each on a cluster)."""
-    from psamf.tune import tune
+    from psamf.psa_mf.tune import tune
 
     set_task_threads()
     cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality, out_dir)
@@ -285,7 +287,7 @@ def tune_worker_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
 def tune_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                       personality: str, best_params: str, metrics: MetricsSink | None = None,
                       plots: str | None = None) -> dict[str, Any]:
-    from psamf.tune import finish_study, report_dir
+    from psamf.psa_mf.tune import finish_study, report_dir
 
     cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality,
                        str(Path(best_params).parent / "tune"))
@@ -300,8 +302,8 @@ def tune_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
 def train_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                 personality: str, best_params: str, model: str,
                 metrics: MetricsSink | None = None) -> dict[str, Any]:
-    from psamf.psamf_train import train_psamf
-    from psamf.tune import best_params_overrides
+    from psamf.psa_mf.train import train_psamf
+    from psamf.psa_mf.tune import best_params_overrides
 
     set_task_threads()
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
@@ -314,7 +316,7 @@ def train_stage(profile: str, overrides: Sequence[str], params_yaml: str, finger
 def register_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    personality: str, model: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
     """The registry gate: register the trained model, compare with @champion, set the alias."""
-    from psamf.registry import register_stage as gate
+    from psamf.registry.gate import register_stage as gate
 
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,
                        extra=[f"psamf.personality_encoder={personality}"])
@@ -329,7 +331,7 @@ def report_stage(profile: str, overrides: Sequence[str], params_yaml: str, finge
                  metrics: MetricsSink | None = None) -> dict[str, Any]:
     """The personalization report, the DAG's last task: it then marks the parent run completed."""
     from psamf import tracking
-    from psamf.personalization import METRICS, report
+    from psamf.reports.personalization import METRICS, report
 
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset)
     summary = report(cfg, Path(loo_tables) / "loo_summary.json", model, out_dir)

@@ -1,6 +1,6 @@
 """Checkpoints that outlive the task (psamf.checkpoints): a retried pod resumes.
 
-The retry test runs pretrain the way the KFP component does (psamf.orchestration.pretrain_stage,
+The retry test runs pretrain the way the KFP component does (psamf.stages.pretrain_stage,
 in its own process), with the checkpoint store in S3 (moto on loopback). It SIGKILLs the task
 once the first epoch's checkpoint is in the bucket, then reruns it as a KFP retry would: a
 new process with a new, empty output directory. The retry must resume from S3 and end with
@@ -66,7 +66,7 @@ def test_store_push_pull_discard(backend, tmp_path, request):
 
 
 def _pretrain_task(dataset: Path, model: Path, overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
-    code = ("import json, sys; from psamf.orchestration import pretrain_stage; "
+    code = ("import json, sys; from psamf.stages import pretrain_stage; "
             "pretrain_stage('smoke', json.loads(sys.argv[1]), '', '', sys.argv[2], 0, sys.argv[3])")
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(overrides), str(dataset), str(model)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,7 +80,7 @@ def _metrics(model: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_killed_pretrain_task_retried_in_a_new_pod_resumes_from_s3_bit_identically(s3, tmp_path):
-    from psamf import orchestration as o
+    from psamf import stages as o
 
     params = (REPO / "params.yaml").read_text()
     fp = o.fingerprint_stage("smoke", [], params, "synthetic")

@@ -113,7 +113,7 @@ def test_checks_name_real_keys_and_hold_for_any_way_a_section_is_built():
 
 
 def test_a_bad_value_is_one_line_and_exit_2_on_the_cli():
-    run = subprocess.run([sys.executable, "-m", "psamf.cli", "config", "--set", "psamf.tau=-1"],
+    run = subprocess.run([sys.executable, "-m", "psamf.cli.main", "config", "--set", "psamf.tau=-1"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr == "psamf: error: params: psamf.tau must be > 0, got -1.0\n"
 
@@ -128,7 +128,7 @@ def test_unknown_profile_and_bad_yaml(tmp_path):
 
 
 def test_cli_prints_resolved_config_with_overrides():
-    out = subprocess.run([sys.executable, "-m", "psamf.cli", "config", "--profile", "smoke",
+    out = subprocess.run([sys.executable, "-m", "psamf.cli.main", "config", "--profile", "smoke",
                           "--set", "mult.n_heads=4"], capture_output=True, text=True, check=True).stdout
     cfg = yaml.safe_load(out)
     assert cfg["profile"] == "smoke" and cfg["mult"]["n_heads"] == 4

@@ -251,7 +251,7 @@ def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(smoke_cfg, tmp_pat
     write_synthetic_corpus(smoke_cfg)
     labels = smoke_cfg.data.raw_path / "PSAMF_SYNTH_Opinion_Labels.csd"
     labels.write_bytes(labels.read_bytes()[:2000])
-    proc = subprocess.run([sys.executable, "-m", "psamf.cli", "data", "ingest", "--profile", "smoke",
+    proc = subprocess.run([sys.executable, "-m", "psamf.cli.main", "data", "ingest", "--profile", "smoke",
                            "--set", f"data.raw_dir={smoke_cfg.data.raw_dir}",
                            "--set", f"data.prepared_dir={smoke_cfg.data.prepared_dir}"],
                           capture_output=True, text=True)

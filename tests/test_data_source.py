@@ -64,7 +64,7 @@ def _dvc(args: list[str], cwd: Path) -> str:
 def test_mosi_from_a_dvc_remote_reaches_validation_from_a_clean_dir(shared_data, s3_env, tmp_path, monkeypatch):
     import yaml
 
-    from psamf import orchestration as o
+    from psamf import stages as o
     from psamf.config import load_config
     from psamf.data.mosi import simulate_av
 
@@ -141,7 +141,7 @@ def test_s3_prefix_source_is_fetched_and_checked_against_its_version(s3_env, tmp
 def test_mosi_labels_only_from_s3_get_simulated_av_beside_them(shared_data, s3_env, tmp_path, monkeypatch):
     import boto3
 
-    from psamf import orchestration as o
+    from psamf import stages as o
     from psamf.data.ingest import corpus_sources
     from psamf.data.layout import SIMULATED_KEY
 

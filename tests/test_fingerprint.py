@@ -16,7 +16,7 @@ def _fingerprint_in_a_pod(tmp_path: Path, env_extra: dict[str, str], params_yaml
     import json
     import os
 
-    code = ("import json, sys; from psamf.orchestration import fingerprint_stage; "
+    code = ("import json, sys; from psamf.stages import fingerprint_stage; "
             "print(json.dumps(fingerprint_stage('smoke', [], sys.stdin.read(), sys.argv[1], 'test')))")
     env = {**{k: v for k, v in os.environ.items() if k != "PSAMF_GIT_SHA"}, "PSAMF_TRACKING": "off", **env_extra}
     out = subprocess.run([sys.executable, "-c", code, source], input=params_yaml, cwd=tmp_path, env=env,

@@ -1,5 +1,6 @@
 """Code structure: no import cycle anywhere in the library, components or pipelines (lazy
-imports inside functions included), and only psamf.pipeline reaches into pipelines/."""
+imports inside functions included), only psamf.cli.kfp reaches into pipelines/, and neither
+method's folder (psamf.mult, psamf.psa_mf) imports the other's."""
 from __future__ import annotations
 
 import ast
@@ -48,8 +49,43 @@ def test_no_import_cycle_even_through_lazy_imports():
             visit(m, [m])
 
 
-def test_only_psamf_pipeline_imports_the_pipelines_and_only_pipelines_import_components():
+def test_only_psamf_cli_kfp_imports_the_pipelines_and_only_pipelines_import_components():
     graph = _graph()
-    assert {m for m, deps in graph.items() if any(d.startswith("pipelines") for d in deps)} == {"psamf.pipeline"}
+    assert {m for m, deps in graph.items() if any(d.startswith("pipelines") for d in deps)} == {"psamf.cli.kfp"}
     assert {m for m, deps in graph.items() if any(d.startswith("components") for d in deps)} <= {"pipelines.training"}
-    assert "psamf.pipeline" in graph["psamf.cli_pipeline"] or "psamf.pipeline" in graph["psamf.cli"]
+    assert "psamf.cli.kfp" in graph["psamf.cli.pipeline"] or "psamf.cli.kfp" in graph["psamf.cli.main"]
+
+
+def test_a_method_never_imports_the_other_method():
+    graph = _graph()
+    methods = ("psamf.mult", "psamf.psa_mf")
+    for a in methods:
+        for b in methods:
+            if a != b:
+                crossing = {f"{m} -> {d}" for m, deps in graph.items() if m.startswith(a)
+                            for d in deps if d == b or d.startswith(b + ".")}
+                assert not crossing, f"{a} imports {b}: {sorted(crossing)}"
+    # the rule is about real folders: both must exist, or it would pass vacuously
+    assert all(any(m.startswith(x + ".") for m in graph) for x in methods)
+
+
+def test_the_readme_layout_table_names_paths_that_exist():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## How it is laid out"):readme.index("## Configuration")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    named = []
+    for row in rows:
+        first, _, rest = row[2:].partition("|")
+        for path in re.findall(r"`([^`*]+)`", first):
+            named.append(path)
+        folder = re.findall(r"`([^`*]+/)`", first) or re.findall(r"`([^`]+/)\*[^`]*`", first)
+        # the files a folder's row names (`train.py`, `tune/`) live in that folder
+        for name in re.findall(r"`([\w.]+(?:\.py|/))`", rest):
+            named.append(folder[0] + name if folder else name)
+    missing = [p for p in named if not (REPO / p).exists()]
+    assert named and not missing, f"README layout table names paths that do not exist: {missing}"
+    # and every folder of the library has a row
+    folders = {p.name for p in (REPO / "psamf").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders <= {Path(p).name for p in named if p.startswith("psamf/") and p.endswith("/")}

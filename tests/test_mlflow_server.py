@@ -76,9 +76,9 @@ def test_server_stack_register_promote_serve(stack, tmp_path):
     import requests
 
     from psamf.data.prepared import load_prepared
-    from psamf.personalized import pretrain
-    from psamf.registry import register_stage
-    from psamf.serving import dataset_frame
+    from psamf.mult.pretrain import pretrain
+    from psamf.registry.gate import register_stage
+    from psamf.registry.serving import dataset_frame
 
     t0 = time.perf_counter()
     cfg = smoke_corpus([
@@ -152,7 +152,7 @@ def test_server_stack_register_promote_serve(stack, tmp_path):
 RACE = """
 import json, os, sys, time
 import mlflow
-import psamf.registry as registry
+import psamf.registry.gate as registry
 from psamf.config import load_config
 
 mae, delay, barrier, me, name, exp = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
@@ -183,7 +183,7 @@ def test_two_concurrent_registrations_never_leave_the_worse_model_champion(stack
     import mlflow
 
     from psamf.config import load_config
-    from psamf.registry import register
+    from psamf.registry.gate import register
 
     name = "race-model"
     client = mlflow.MlflowClient(stack["url"])  # not the process-global URI an earlier test may have set

@@ -254,7 +254,7 @@ def test_bad_input_is_one_named_error_and_writes_nothing(kind, sdk, tmp_path):
 
 def test_cli_bad_input_is_one_line_exit_2(sdk, tmp_path):
     _rewrite_labels(sdk, _six_columns)
-    r = subprocess.run([sys.executable, "-m", "psamf.cli", "data", "ingest", "--params", str(REPO / "params.yaml"),
+    r = subprocess.run([sys.executable, "-m", "psamf.cli.main", "data", "ingest", "--params", str(REPO / "params.yaml"),
                         "--profile", "smoke", "--corpus", "mosei", "--set", f"data.mosei_dir={sdk}",
                         "--set", f"data.raw_dir={tmp_path / 'raw'}", "--set", f"data.prepared_dir={tmp_path / 'prepared'}"],
                        capture_output=True, text=True, cwd=REPO, timeout=300,

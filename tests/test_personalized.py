@@ -15,7 +15,9 @@ from corpora import smoke_corpus
 
 from psamf.config import load_config
 from psamf.data.prepared import load_prepared
-from psamf.personalized import draw_support, finetune, loo, pretrain
+from psamf.mult.finetune import draw_support, finetune
+from psamf.mult.loo import loo
+from psamf.mult.pretrain import pretrain
 from psamf.stats import mean_ci, paired_diff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +62,7 @@ def test_support_draws_are_seeded_and_stratified_spans_the_range():
 # ---- training path ----------------------------------------------------------------------------
 
 def _run_pretrain(root: Path, user: str, extra: list[str]) -> subprocess.Popen:
-    args = [sys.executable, "-m", "psamf.cli", "pretrain", "--held-out", user, "--profile", "smoke"]
+    args = [sys.executable, "-m", "psamf.cli.main", "pretrain", "--held-out", user, "--profile", "smoke"]
     for o in smoke_overrides(root) + extra:
         args += ["--set", o]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -142,7 +144,7 @@ def test_personalization_report_has_every_user_and_model_and_explains_each_nan(c
 
     import pandas as pd
 
-    from psamf.personalization import MODELS, build
+    from psamf.reports.personalization import MODELS, build
 
     root, cfg = corpus
     summary = loo_run
@@ -209,7 +211,7 @@ def test_personalization_report_has_every_user_and_model_and_explains_each_nan(c
 
 
 def test_report_without_a_psamf_model_says_so_per_row(loo_run, tmp_path):
-    from psamf.personalization import build
+    from psamf.reports.personalization import build
 
     summary = loo_run
     loo_json = Path(summary["files"]["csv"]).with_name("loo_summary.json")
@@ -225,13 +227,13 @@ def test_a_skipped_slot_is_one_marker_in_cli_and_kfp_that_the_report_passes_over
     marker, and loo_report, given it among the users' reports (dvc's glob, KFP's Collected), skips it."""
     import torch
 
-    from psamf.orchestration import finetune_stage, pretrain_stage
-    from psamf.personalized import is_skipped_slot, loo_report
+    from psamf.stages import finetune_stage, pretrain_stage
+    from psamf.mult.loo import is_skipped_slot, loo_report
 
     root, cfg = corpus
     rank = cfg.data.loo_users  # the first slot beyond K
     marker = {"skipped": True, "rank": rank, "loo_users": cfg.data.loo_users}
-    args = [sys.executable, "-m", "psamf.cli", "finetune", "--rank", str(rank), "--profile", "smoke",
+    args = [sys.executable, "-m", "psamf.cli.main", "finetune", "--rank", str(rank), "--profile", "smoke",
             "--params", str(REPO / "params.yaml")]
     for o in smoke_overrides(root) + [f"finetune.out_dir={tmp_path}/cli"]:
         args += ["--set", o]

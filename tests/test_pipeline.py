@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    from psamf.pipeline import compile_pipeline
+    from psamf.cli.kfp import compile_pipeline
 
     path = compile_pipeline(tmp_path_factory.mktemp("kfp") / "psamf.yaml")
     docs = list(yaml.safe_load_all(path.read_text()))
@@ -162,7 +162,7 @@ def test_caching_on_content_keyed_inputs_only(compiled):
 
 
 def test_pipeline_arguments_carry_the_params_file_and_profile(tmp_path):
-    from psamf.pipeline import pipeline_arguments
+    from psamf.cli.kfp import pipeline_arguments
 
     params = tmp_path / "p.yaml"
     params.write_text((REPO / "params.yaml").read_text().replace("profile: demo", "profile: smoke", 1))
@@ -174,7 +174,7 @@ def test_pipeline_arguments_carry_the_params_file_and_profile(tmp_path):
 
 
 def test_a_task_reads_the_pipeline_params_text_not_the_local_file(tmp_path, monkeypatch):
-    from psamf.orchestration import stage_config
+    from psamf.stages import stage_config
 
     monkeypatch.chdir(tmp_path)  # a pod: no params.yaml in the working dir
     text = (REPO / "params.yaml").read_text().replace("d_model: 30", "d_model: 10", 1)
@@ -210,7 +210,7 @@ def test_one_k_the_config_dvc_yaml_and_the_pipeline_default_have_the_same_loo_sl
     for stage in ("pretrain", "finetune"):
         assert sorted(int(n.split("@")[1]) for n in names if n.startswith(f"{stage}@")) == slots, stage
     # the committed vars file is what the generator writes now
-    subprocess.run([sys.executable, "-m", "psamf.cli", "loo-slots", "--params", str(REPO / "params.yaml"),
+    subprocess.run([sys.executable, "-m", "psamf.cli.main", "loo-slots", "--params", str(REPO / "params.yaml"),
                     "--out", str(tmp_path / "slots.yaml")], check=True, capture_output=True)
     assert (tmp_path / "slots.yaml").read_text() == (REPO / "loo_slots.yaml").read_text()
 
@@ -219,7 +219,7 @@ def test_kfp_local_output_is_one_line_per_task_with_the_rest_in_a_log():
     import io
     import time
 
-    from psamf.pipeline import TaskLines
+    from psamf.cli.kfp import TaskLines
 
     log, term = io.StringIO(), io.StringIO()
     out = TaskLines(log, term)

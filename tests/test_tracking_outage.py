@@ -46,7 +46,7 @@ def test_pretrain_survives_a_tracking_outage_and_logs_every_epoch_once_back(tmp_
     port = free_port()
     server = _server(port, tmp_path)
     url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "psamf.cli", "pretrain", "--held-out", user, "--profile", "smoke"]
+    args = [sys.executable, "-m", "psamf.cli.main", "pretrain", "--held-out", user, "--profile", "smoke"]
     for s in sets:
         args += ["--set", s]
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1", "PSAMF_TRACKING_PATIENCE_S": "120"}

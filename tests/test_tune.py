@@ -29,7 +29,7 @@ from corpora import smoke_corpus
 
 from psamf.config import load_config
 from psamf.errors import InputError
-from psamf.tune import PLOTS
+from psamf.psa_mf.tune import PLOTS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -117,8 +117,8 @@ def test_sqlite_search_writes_best_params_in_range_and_train_takes_them(root, tm
     import mlflow
     from typer.testing import CliRunner
 
-    from psamf.cli import app
-    from psamf.tune import tune
+    from psamf.cli.main import app
+    from psamf.psa_mf.tune import tune
 
     monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
     cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", f"tune.storage=sqlite:///{tmp_path}/optuna.db")
@@ -199,8 +199,8 @@ def test_a_diverged_trial_fails_with_its_reason_and_the_study_finishes(root, tmp
     and the study still reaches tune.n_trials finished trials."""
     import numpy as np
 
-    import psamf.psamf_train as pt
-    from psamf.tune import tune
+    import psamf.psa_mf.train as pt
+    from psamf.psa_mf.tune import tune
 
     monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
     real, calls = pt.predict, []
@@ -223,7 +223,7 @@ def test_a_diverged_trial_fails_with_its_reason_and_the_study_finishes(root, tmp
 def test_an_epoch_budget_ends_the_study_before_n_trials(root, tmp_path, monkeypatch):
     """tune.epoch_budget: trials start only while their tune.epochs fit, and the study counts as
     finished (report written, no error) with fewer than tune.n_trials trials."""
-    from psamf.tune import tune
+    from psamf.psa_mf.tune import tune
 
     monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
     cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", f"tune.storage=sqlite:///{tmp_path}/optuna.db",
@@ -240,7 +240,7 @@ def test_an_epoch_budget_ends_the_study_before_n_trials(root, tmp_path, monkeypa
 def test_the_median_pruner_waits_tune_pruner_warmup_steps_epochs(warmup, pruned_at_epoch_0):
     import optuna
 
-    from psamf.tune import make_pruner
+    from psamf.psa_mf.tune import make_pruner
 
     cfg = load_config(REPO / "params.yaml", "smoke", [f"tune.pruner_warmup_steps={warmup}",
                                                       "tune.pruner_startup_trials=1", "tune.pruner=median"])
@@ -259,8 +259,8 @@ def test_the_median_pruner_waits_tune_pruner_warmup_steps_epochs(warmup, pruned_
 def test_bad_input_is_one_line_input_error(root, tmp_path):
     from typer.testing import CliRunner
 
-    from psamf.cli import app
-    from psamf.tune import load_study, tune
+    from psamf.cli.main import app
+    from psamf.psa_mf.tune import load_study, tune
 
     with pytest.raises(InputError, match="segments.parquet: missing"):
         tune(cfg_for(root, f"data.prepared_dir={tmp_path}/none"))
@@ -278,8 +278,8 @@ def test_the_worker_command_is_hidden_and_runs_without_the_console_script(tmp_pa
     and bad input ends in the one-line error with exit code 2."""
     from typer.testing import CliRunner
 
-    from psamf.cli import app
-    from psamf.tune import worker_argv
+    from psamf.cli.main import app
+    from psamf.psa_mf.tune import worker_argv
 
     res = CliRunner().invoke(app, ["--help"])
     assert res.exit_code == 0 and "tune " in res.output and "tune-process" not in res.output
@@ -296,8 +296,8 @@ def test_the_worker_command_is_hidden_and_runs_without_the_console_script(tmp_pa
 def test_two_worker_processes_share_one_postgres_study(root, tmp_path, pg_url, monkeypatch):
     import optuna
 
-    import psamf.tune.workers as tw
-    from psamf.tune import tune
+    import psamf.psa_mf.tune.workers as tw
+    from psamf.psa_mf.tune import tune
 
     monkeypatch.setenv("PSAMF_OPTUNA_STORAGE", pg_url)  # the env var wins over tune.storage
     argvs: list[list[str]] = []
@@ -331,7 +331,7 @@ def test_concurrent_creators_on_an_empty_postgres_database_both_get_the_study(ro
     """Two `create_study` calls racing on a fresh database (CREATE TYPE studydirection) both succeed."""
     import sqlalchemy
 
-    from psamf.tune import create_study
+    from psamf.psa_mf.tune import create_study
 
     engine = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
     with engine.connect() as c:
@@ -364,7 +364,7 @@ def test_a_killed_workers_trial_fails_is_retried_and_the_study_completes(root, t
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 
-    from psamf.tune import tune
+    from psamf.psa_mf.tune import tune
 
     monkeypatch.setenv("PSAMF_OPTUNA_STORAGE", pg_url)
     # Small batches make each trial last a few seconds, so the kill lands mid-trial.

@@ -1,6 +1,6 @@
 """What every `psamf` command shares: the config options, the one-line error contract, JSON out.
 
-Its own module so that psamf.cli and the command groups it registers (cli_psamf, cli_registry,
+Its own module so that psamf.cli.main and the command groups it registers (cli_psamf, cli_registry,
 cli_pipeline) all import it, and none of them imports another."""
 from __future__ import annotations
 

@@ -101,13 +101,13 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
 
     from kfp import local
 
-    from psamf.orchestration import LOOP_THREADS_ENV
+    from psamf.stages import LOOP_THREADS_ENV
     from psamf.resources import cpu_count
 
     args = pipeline_arguments(profile, overrides, params, data_source, run_name=run_name)
     if not force:
         from psamf import tracking
-        from psamf.orchestration import run_fingerprint
+        from psamf.stages import run_fingerprint
 
         cfg, _, fp, _ = run_fingerprint(args["profile"], args["overrides"], args["params_yaml"], args["data_source"])
         go, reason = tracking.should_run(cfg, fp)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from psamf.cli_common import (CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json,
+from psamf.cli.common import (CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json,
                                one_line_errors)
 from psamf.config import Config
 from psamf.errors import InputError
@@ -106,14 +106,14 @@ def _loo_user(cfg: Config, user: str | None, rank: int | None) -> str | None:
         raise InputError("--held-out/--rank", "give exactly one of a speaker id or a rank")
     if user is not None:
         return user
-    from psamf.personalized import user_at_rank
+    from psamf.mult.loo import user_at_rank
 
     return user_at_rank(cfg, rank)
 
 
 def _skip_slot(cfg: Config, out_dir: str, rank: int) -> None:
     """A rank slot beyond data.loo_users: leave the skipped-slot marker so DVC sees a finished stage."""
-    from psamf.personalized import skipped_slot_file, write_skipped_slot
+    from psamf.mult.loo import skipped_slot_file, write_skipped_slot
 
     write_skipped_slot(cfg, skipped_slot_file(cfg, out_dir, rank), rank)
     typer.echo(f"rank {rank} >= data.loo_users={cfg.data.loo_users}: nothing to do")
@@ -124,7 +124,7 @@ def _skip_slot(cfg: Config, out_dir: str, rank: int) -> None:
 def pretrain_cmd(held_out: HeldOutOpt = None, rank: RankOpt = None, params: ParamsOpt = None,
                  profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None) -> None:
     """Pretrain MulT + User Adapter on every speaker except the held-out one (resumable)."""
-    from psamf.personalized import pretrain
+    from psamf.mult.pretrain import pretrain
 
     cfg = config_from(params, profile, set_, corpus)
     user = _loo_user(cfg, held_out, rank)
@@ -139,7 +139,7 @@ def pretrain_cmd(held_out: HeldOutOpt = None, rank: RankOpt = None, params: Para
 def finetune_cmd(user: HeldOutOpt = None, rank: RankOpt = None, params: ParamsOpt = None,
                  profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None) -> None:
     """baseline / FS-UA / FS-UA-KD over R seeded k-shot draws for one user."""
-    from psamf.personalized import finetune
+    from psamf.mult.finetune import finetune
 
     cfg = config_from(params, profile, set_, corpus)
     who = _loo_user(cfg, user, rank)
@@ -158,7 +158,7 @@ def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
                                                                     "(default: <finetune.out_dir>/<corpus>/<user>.json)")] = None,
             out: Annotated[Optional[Path], typer.Option(help="report dir (default: <finetune.out_dir>/<corpus>)")] = None) -> None:
     """The leave-one-out experiment over the K users with the most segments: tables, CSV, chart."""
-    from psamf.personalized import loo, tracked_loo_report
+    from psamf.mult.loo import loo, tracked_loo_report
 
     cfg = config_from(params, profile, set_, corpus)
     if report_only or reports:
@@ -176,8 +176,8 @@ def report_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOp
                                                              "(default: <train.out_dir>/<corpus>)")] = None,
                out: Annotated[Path, typer.Option(help="report dir")] = Path("reports/personalization")) -> None:
     """One personalization page: baseline / FS-UA / FS-UA-KD / PSA-MF / cold start per LOO user, with CIs."""
-    from psamf.personalization import report
-    from psamf.psamf_train import default_out_dir
+    from psamf.reports.personalization import report
+    from psamf.psa_mf.train import default_out_dir
 
     cfg = config_from(params, profile, set_, corpus)
     loo = loo or Path(cfg.finetune.out_dir) / cfg.data.corpus / "loo_summary.json"
@@ -214,8 +214,8 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
 
     corpus -> ingest -> validate -> personality | LOO pretrain/finetune | tune -> train -> register;
     ends with the registry's champion. Same as `psamf pipeline run`, plus a summary."""
-    from psamf.pipeline import run_local
-    from psamf.registry import list_versions, registered_name
+    from psamf.cli.kfp import run_local
+    from psamf.registry.gate import list_versions, registered_name
     from psamf.tracking import tracking_uri
 
     cfg = config_from(params, profile, set_)
@@ -256,9 +256,9 @@ def tracking_user(
 
 def _register_extensions() -> None:
     """Stage groups that live in their own modules add their commands here."""
-    from psamf import cli_pipeline, cli_psamf, cli_registry
+    from psamf.cli import pipeline, psa_mf, registry
 
-    for module in (cli_psamf, cli_registry, cli_pipeline):
+    for module in (psa_mf, registry, pipeline):
         module.register(app)
 
 

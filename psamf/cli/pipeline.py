@@ -5,11 +5,11 @@ from typing import Annotated
 
 import typer
 
-from psamf.cli_common import ParamsOpt, ProfileOpt, SetOpt, echo_json, one_line_errors
+from psamf.cli.common import ParamsOpt, ProfileOpt, SetOpt, echo_json, one_line_errors
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `pipeline` command group to `app` (called once by psamf.cli)."""
+    """Add the `pipeline` command group to `app` (called once by psamf.cli.main)."""
 
     pipe = typer.Typer(help="The Kubeflow pipeline: local run, compile, submit, schedule.", no_args_is_help=True)
     app.add_typer(pipe, name="pipeline")
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
             verbose: Annotated[bool, typer.Option("--verbose", help="show kfp.local's full output")] = False,
             ) -> None:
         """Run the whole DAG locally with kfp.local's SubprocessRunner (no cluster, no Docker)."""
-        from psamf.pipeline import run_local
+        from psamf.cli.kfp import run_local
 
         echo_json(run_local(profile, list(set_ or []), root, force=not skip_unchanged, params=params,
                             data_source=source, verbose=verbose))
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def compile_(out: Annotated[Path, typer.Option(help="YAML to write")] = Path("reports/psamf-training.yaml")) -> None:
         """Compile the pipeline for a cluster (component image from $PSAMF_IMAGE)."""
-        from psamf.pipeline import compile_pipeline
+        from psamf.cli.kfp import compile_pipeline
 
         typer.echo(str(compile_pipeline(out)))
 
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
     def submit(host: HostOpt, params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
                source: SourceOpt = "synthetic") -> None:
         """Submit one run to a KFP cluster (params file, profile and overrides travel as pipeline parameters)."""
-        from psamf.pipeline import submit as do_submit
+        from psamf.cli.kfp import submit as do_submit
 
         echo_json(do_submit(host, profile, list(set_ or []), params=params, data_source=source))
 
@@ -56,6 +56,6 @@ def register(app: typer.Typer) -> None:
                  params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
                  source: SourceOpt = "synthetic") -> None:
         """Create a recurring run (max_concurrency 1, no catch-up); KFP's cache skips unchanged code+data+params."""
-        from psamf.pipeline import schedule as do_schedule
+        from psamf.cli.kfp import schedule as do_schedule
 
         echo_json(do_schedule(host, cron, profile, list(set_ or []), name=name, params=params, data_source=source))

@@ -1,10 +1,10 @@
 """CLI commands for the PSA-MF stages; `register(app)` adds them to the `psamf` Typer app.
 
-    psamf personality train     fine-tune the Big Five encoder (psamf.personality_model)
-    psamf train [--ablation X]  PSA-MF on the prepared dataset (psamf.psamf_train)
+    psamf personality train     fine-tune the Big Five encoder (psamf.psa_mf.personality)
+    psamf train [--ablation X]  PSA-MF on the prepared dataset (psamf.psa_mf.train)
     psamf train --text-baseline the text-only baseline on the same encoder and folds
     psamf train --best-params P apply a best_params.json (dotted keys) from `psamf tune`
-    psamf tune [--workers N]    Optuna search over tau, N, lambda (psamf.tune); --join on other nodes
+    psamf tune [--workers N]    Optuna search over tau, N, lambda (psamf.psa_mf.tune); --join on other nodes
     psamf tune-process          (hidden) one worker process that `psamf tune --workers N` starts
 """
 # No `from __future__ import annotations`: Typer evaluates the option annotations at runtime.
@@ -13,11 +13,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from psamf.cli_common import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
+from psamf.cli.common import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app` (called once by psamf.cli)."""
+    """Add this module's commands to `app` (called once by psamf.cli.main)."""
 
     personality_app = typer.Typer(help="The personality (Big Five) encoder PSA-MF aligns with.",
                                   no_args_is_help=True)
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
     def personality_train(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
                           corpus: CorpusOpt = None) -> None:
         """Fine-tune personality.encoder on First Impressions v2 (speaker-disjoint split); writes an HF dir."""
-        from psamf.personality_model import train_personality
+        from psamf.psa_mf.personality import train_personality
 
         report = train_personality(config_from(params, profile, set_, corpus))
         echo_json({k: v for k, v in report.items() if k != "history"})
@@ -47,11 +47,11 @@ def register(app: typer.Typer) -> None:
                                             "overrides; --set wins over it")] = None,
                   ) -> None:
         """Train PSA-MF (resumable); test metrics in every convention; writes model.pt + metrics.json."""
-        from psamf.psamf_train import train_psamf, train_text_baseline
+        from psamf.psa_mf.train import train_psamf, train_text_baseline
 
         sets = list(set_ or [])
         if best_params is not None:
-            from psamf.tune import best_params_overrides
+            from psamf.psa_mf.tune import best_params_overrides
 
             sets = best_params_overrides(best_params) + sets
         if ablation is not None:
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
                                                "settings: resume an interrupted search, never another input's")] = False,
                  ) -> None:
         """Optuna search over psamf.tau, psamf.split_layer, psamf.aux_lambda (valid MAE); writes best_params.json."""
-        from psamf.tune import keyed_study, tune, tune_report
+        from psamf.psa_mf.tune import keyed_study, tune, tune_report
 
         cfg = config_from(params, profile, set_, corpus)
         if study_per_input:
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         import yaml
 
         from psamf.config import load_config
-        from psamf.tune import run_worker
+        from psamf.psa_mf.tune import run_worker
 
         result = run_worker(load_config(config, profile), worker, parallel=True)
         typer.echo(yaml.safe_dump(result, sort_keys=False).strip())

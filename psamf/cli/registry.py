@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from psamf.cli_common import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
+from psamf.cli.common import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
 
 TABLE_METRICS = ("mae", "non0_acc2", "non0_f1", "corr", "acc7")
 
@@ -43,7 +43,7 @@ def format_table(listing: dict[str, Any]) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app` (called once by psamf.cli)."""
+    """Add this module's commands to `app` (called once by psamf.cli.main)."""
 
     ModelOpt = Annotated[str, typer.Option("--model", help="mult (MulT + User Adapter) | psamf (PSA-MF)")]
 
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Log the trained model as pyfunc, score it on its test set, gate it against @champion."""
         from psamf.io import write_json
-        from psamf.registry import register_stage
+        from psamf.registry.gate import register_stage
 
         cfg = config_from(params, profile, set_, corpus)
         result = register_stage(cfg, model, run_id=run_id, held_out=held_out, model_dir=model_dir)
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
         params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
     ) -> None:
         """Registered versions of both models: test metrics, aliases, gate verdicts, the champion."""
-        from psamf.registry import MODELS, list_versions, registered_name
+        from psamf.registry.gate import MODELS, list_versions, registered_name
 
         cfg = config_from(params, profile, set_)
         which = [model] if model else list(MODELS)
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
     ) -> None:
         """Move @champion by hand, bypassing the gate (e.g. after an `incomparable` verdict)."""
-        from psamf.registry import promote, registered_name
+        from psamf.registry.gate import promote, registered_name
 
         cfg = config_from(params, profile, set_)
         echo_json(promote(cfg, registered_name(cfg, model), version, reason))

@@ -14,7 +14,7 @@ has to find:
     voice  offset 1.0*(stability - .5)         intensity 0.3 + 1.2*(1 - stability)
 
 ("stability" is the trait First Impressions files under `neuroticism`; see
-psamf.data.personality.) Same seed and config -> byte-identical files.
+psamf.data.first_impressions.) Same seed and config -> byte-identical files.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from scipy.signal import lfilter
 from psamf.config import Config
 from psamf.data.csd import ComputationalSequence, write_csd
 from psamf.data.layout import csd_name, write_transcripts
-from psamf.data.personality import FI_DIRNAME, TRAITS, write_synthetic_personality_corpus
+from psamf.data.first_impressions import FI_DIRNAME, TRAITS, write_synthetic_personality_corpus
 from psamf.io import atomic_dir, write_json
 
 # Sentiment words by intensity bucket; a general-purpose text encoder already knows them.

@@ -18,39 +18,8 @@ unweighted, so aux_lambda = 1 gives its sum (and with sim_weight = "raw", below,
 L_ccl and L_ps too); aux_lambda = 0 trains on L1 alone (the auxiliary terms are still computed
 and logged). Ablated terms are exact zeros.
 
-Decisions the paper leaves open (the measurements behind them: bench/DECISIONS.md, "PSA-MF: ..."):
-- sim(T_s^i, T_p^i) is cosine similarity, used as a *weight* in L_ccl = w * L_cl and
-  L_ps = (1 - w) * |W_y T_s - y|, so it is detached (else anti-aligning the pair minimises
-  sim * L_cl). `sim_weight` maps sim to w: "affine" (default) w = (1 + sim) / 2, never 0, so L_cl
-  always trains both projections; "raw" w = sim, the paper literally (a negative sim turns L_cl
-  into ascent); "clamp" w = max(sim, 0).
-- L_cl is the paper's sentiment -> personality InfoNCE (rows T_s^i, columns T_p^j);
-  `symmetric_cl` adds the other direction, as CLIP does.
-- Pre-fusion text (`prefusion_text`, default "tokens"): every text token after layer N, CLS_s first
-  ([H_s, X_v, X_a]; M_s is position 0). "cls" is the paper's literal [CLS_s, X_v, X_a] (the `paper`
-  profile): with MiniLM's CLS after N < L layers the model never left the constant predictor.
-- AV gate (`av_gate`, default off, kept for comparison): X_v/X_a tokens scaled by tanh(g), g = 0 at
-  init, as Flamingo gates new cross-attention.
-- Residual pre-fusion (`prefusion_residual`, default on): M_s = M_text + tanh(g)(M_fused - M_text),
-  g = 0 at init, M_text the upper layers over the text alone. The model starts exactly as its
-  no_prefusion ablation; a zero-gated token still puts 2T null tokens in every attention row.
-- AV normalization (`av_norm`, default "speaker"; applied to the inputs by psamf_train and serving,
-  not here): frames z-scored per speaker, because MOSI's folds are speaker-disjoint and the
-  features carry a per-speaker signature the model otherwise fits.
-- Pre-fusion input: X_v and X_a are the frame features (after av_norm), each projected to the
-  encoder width with LayerNorm(Linear(x) + modality embedding), BERT's own embedding recipe, so
-  the pretrained upper layers see inputs at the scale they expect. CLS_s enters unchanged. No temporal position
-  is added: order is carried by the LSTM branch; pre-fusion is for semantic alignment.
-- L_clm (cross-modal contrastive) aligns what *enters* pre-fusion: z_t = g_t(CLS_s),
-  z_v = g_v(masked mean of X_v), z_a = g_a(masked mean of X_a), g_* linear,
-  L_clm = mean_i 1/2 [InfoNCE_sym(z_t, z_v)_i + InfoNCE_sym(z_t, z_a)_i] at temperature tau.
-  Not the fused outputs: after self-attention every position carries its sample's signature,
-  so that contrast is solvable with nothing to align. The same loss applies under no_prefusion.
-- Interaction: nn.MultiheadAttention with M_s as a length-1 query over the LSTM outputs, with
-  key padding masks; no residual (the paper's V_t = Att_v(M_s, h_v, h_v)).
-- Enhanced fusion: ' is a per-stream Linear to fusion_dim. F_p = GELU(Conv1d(k=3, padding=1)) over
-  the three streams stacked as a length-3 sequence whose channels are the features, flattened
-  (keeping which stream is which). The head ("Sub" in the paper) is Linear-GELU-Dropout-Linear.
+Every choice the paper leaves open, and why, is in the README's "PSA-MF" section (the
+measurements behind each: bench/DECISIONS.md).
 
 Ablations (PsamfConfig.ablation), matching the paper's Table:
 - none

@@ -56,7 +56,7 @@ from torch import nn
 from psamf import tracking
 from psamf.checkpoints import store_for
 from psamf.config import REAL_CORPORA, Config
-from psamf.data.personality import (FI_DIRNAME, SYNTHETIC_MARKER, TRAITS, corpus_info,
+from psamf.data.first_impressions import (FI_DIRNAME, SYNTHETIC_MARKER, TRAITS, corpus_info,
                                     load_personality_corpus, speaker_disjoint_split)
 from psamf.errors import InputError
 from psamf.io import atomic_dir

@@ -60,7 +60,7 @@ from psamf.data.prepared import PreparedDataset, load_prepared
 from psamf.errors import InputError
 from psamf.io import atomic_dir, atomic_path, write_json
 from psamf.metrics import CONVENTIONS, regression_metrics
-from psamf.reports import write_csv
+from psamf.reports.html import write_csv
 from psamf.training import (PERSONALITY_PREFIX, Batch, BatchProgress, autocast, config_fingerprint, fit,
                             predict, resolve_device, seed_everything, to_device, tokenize, trim_padding)
 

@@ -43,7 +43,7 @@ def _plots(eval_df: pd.DataFrame, _builtin: dict, artifacts_dir: str) -> dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from psamf.reports import save_figure
+    from psamf.reports.html import save_figure
 
     p, t = eval_df["prediction"].to_numpy(float), eval_df["target"].to_numpy(float)
     out = {}
@@ -69,7 +69,7 @@ def evaluate_logged_model(model_info, frame: pd.DataFrame, labels: Sequence[floa
     way into the active run and onto the LoggedModel. Returns the metrics the gate reads."""
     import mlflow
 
-    from psamf.serving import predict_values
+    from psamf.registry.serving import predict_values
 
     values = predict_values(model_info.model_uri, frame)
     y = np.asarray(labels, dtype=np.float64)

@@ -174,7 +174,7 @@ def _ensure_model(client, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name, description="psamf: champion/challenger gated by psamf.registry")
+        client.create_registered_model(name, description="psamf: champion/challenger gated by psamf.registry.gate")
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -419,9 +419,10 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
     import mlflow
     import numpy as np
 
-    from psamf import serving, tracking
+    from psamf import tracking
+    from psamf.registry import serving
     from psamf.data.prepared import load_prepared
-    from psamf.evaluation import evaluate_logged_model
+    from psamf.registry.evaluation import evaluate_logged_model
     from psamf.errors import InputError
 
     if not tracking.enabled():
@@ -429,7 +430,7 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
     name = registered_name(cfg, which)
     ds = load_prepared(cfg.data.prepared_path)
     if which == "mult":
-        from psamf.personalized import pretrain_dir
+        from psamf.mult.pretrain import pretrain_dir
 
         user = held_out or ds.loo_users(1)[0]
         model_dir = model_dir or str(pretrain_dir(cfg, user))

@@ -531,7 +531,7 @@ def log_psamf_model(cfg: Config, model_dir: str | Path | None = None, name: str 
     """Log psamf_train's model as a PsamfPyfunc (see the module docstring). Returns ModelInfo."""
     import torch
 
-    from psamf.psamf_train import read_model_file
+    from psamf.psa_mf.train import read_model_file
 
     path = psamf_model_path(cfg, model_dir)
     saved = read_model_file(path)

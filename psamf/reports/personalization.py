@@ -29,7 +29,7 @@ from psamf.config import Config
 from psamf.errors import InputError
 from psamf.io import read_json, write_json, write_text
 from psamf.metrics import CONVENTIONS
-from psamf.reports import ci_bars, embed_png, html_page, provenance, save_figure, write_csv
+from psamf.reports.html import ci_bars, embed_png, html_page, provenance, save_figure, write_csv
 from psamf.stats import bootstrap_ci, mean_ci
 
 METRICS = {"MAE": "mae", "Corr": "corr", "Non0-Acc2": "non0_acc2"}

@@ -33,8 +33,8 @@ from psamf.config import Config
 from psamf.errors import InputError
 from psamf.io import write_json, write_text
 from psamf.redact import redact
-from psamf.reports import html_page, markdown_table, provenance, save_figure, write_csv
-from psamf.tune.search import (PARAMS, encoder_depth, load_study, report_dir, storage_url, study_finished,
+from psamf.reports.html import html_page, markdown_table, provenance, save_figure, write_csv
+from psamf.psa_mf.tune.search import (PARAMS, encoder_depth, load_study, report_dir, storage_url, study_finished,
                                trial_counts)
 
 log = logging.getLogger(__name__)

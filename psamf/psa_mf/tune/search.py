@@ -173,7 +173,7 @@ def keyed_study(cfg: Config) -> Config:
     checkpoints/tune/optuna.db) then resumes an interrupted search, but a search on other
     inputs starts its own study instead of finding a finished one."""
     from psamf.fingerprint import code_version, file_sha256
-    from psamf.psamf_train import dir_identity
+    from psamf.psa_mf.train import dir_identity
     from psamf.training import config_fingerprint
 
     manifest = cfg.data.prepared_path / "manifest.json"
@@ -277,7 +277,7 @@ class Objective:
     def __call__(self, trial) -> float:
         import optuna
 
-        from psamf.psamf_train import train_psamf
+        from psamf.psa_mf.train import train_psamf
 
         if self.on_start is not None:  # the trial exists now: let other workers ask for theirs
             self.on_start()

@@ -44,8 +44,8 @@ from psamf.errors import InputError
 from psamf.io import write_text
 from psamf.locks import NamedLock, dialect, sqlite_file
 from psamf.resources import cpu_count
-from psamf.tune.report import finalize
-from psamf.tune.search import (STORAGE_ENV, Objective, budget_allows_trial, create_study,
+from psamf.psa_mf.tune.report import finalize
+from psamf.psa_mf.tune.search import (STORAGE_ENV, Objective, budget_allows_trial, create_study,
                                encoder_depth, load_study, report_dir, storage_url, study_finished, trial_counts)
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=No
 
 def preflight(cfg: Config) -> int:
     """Fail before any worker starts: data, encoders. Returns the encoder depth L."""
-    from psamf.psamf_train import check_personality_encoder
+    from psamf.psa_mf.train import check_personality_encoder
 
     seg = cfg.data.prepared_path / "segments.parquet"
     if not seg.is_file():
