@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from psamf.data import personality as P
+from psamf.data import first_impressions as P
 from psamf.errors import InputError
 
 CLIP_RE = re.compile(r"^[A-Za-z0-9_-]{11}\.\d{3}\.mp4$")
