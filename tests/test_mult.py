@@ -212,10 +212,41 @@ def test_attention_mask_semantics():
     # MulT's causal offset: query i sees keys j <= i + |Tk - Tq|
     m = attention_mask(2, 4, None, True, "cpu")[0, 0]
     assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+    # with padding, i, j, Tq and Tk count real steps: 1 real query of 3, 2 real keys of 3
+    qm, km = torch.tensor([[True, False, False]]), torch.tensor([[True, True, False]])
+    m = attention_mask(3, 3, km, True, "cpu", qm)[0, 0]
+    assert m[0].tolist() == [True, True, False]  # the last real query sees every real key
     # a query row with no visible real key is opened up instead of producing NaN
     km = torch.tensor([[False, True, True]])
-    m = attention_mask(3, 3, km, True, "cpu")[0, 0]
+    qm = torch.tensor([[False, True, True]])
+    m = attention_mask(3, 3, km, True, "cpu", qm)[0, 0]
     assert m.tolist() == [[True, True, True], [False, True, False], [False, True, True]]
+
+
+@pytest.mark.parametrize("position", ["start", "end", None])
+def test_the_read_out_step_sees_every_real_source_step(position):
+    """A short transcript among long AV sequences: the text branch's read-out must depend on
+    the audio/visual bins after the last text token, whatever the padding and adapter position."""
+    from psamf.config import MultConfig, UserAdapterConfig
+
+    torch.manual_seed(0)
+    cfg = MultConfig(d_model=8, n_heads=2, n_layers=1, embed_dropout=0.0, attn_dropout=0.0, relu_dropout=0.0,
+                     res_dropout=0.0)
+    ua = UserAdapterConfig(enabled=position is not None, hidden=8, position=position or "end")
+    model = MulT.from_config(cfg, ua, 6, 5, 4, users=["u1"]).eval()
+    T, n_text = 10, 3
+    text, audio, visual = torch.randn(1, T, 6), torch.randn(1, T, 5), torch.randn(1, T, 4)
+    text_mask = torch.arange(T)[None] < n_text
+    full = torch.ones(1, T, dtype=torch.bool)
+    audio2, visual2 = audio.clone(), visual.clone()
+    audio2[:, n_text + 2:] += 1.0  # bins after the last text token
+    visual2[:, n_text + 2:] -= 1.0
+    users = torch.ones(1, dtype=torch.long) if position else None
+    with torch.no_grad():
+        a = model.features(text, audio, visual, users, text_mask, full, full)
+        b = model.features(text, audio2, visual2, users, text_mask, full, full)
+    d = cfg.d_model * 2  # the text branch's read-out is the first 2d features
+    assert not torch.allclose(a[:, :d], b[:, :d], atol=1e-6)
 
 
 def test_determinism_under_manual_seed():

@@ -11,7 +11,8 @@ for reproducing it: pre-LayerNorm blocks with the source sequence normalized by 
 query's LayerNorm, inputs scaled by sqrt(d) plus sinusoidal positions, a 4d ReLU MLP,
 a final LayerNorm per encoder, the memory encoders having max(n_layers, 3) layers,
 attention dropout attn_dropout for L targets / attn_dropout_a, attn_dropout_v for A, V
-targets / attn_dropout for the memories, and the causal mask offset for unequal lengths.
+targets / attn_dropout for the memories, and the causal mask offset for unequal lengths
+(counted in real steps when there is padding: see `attention_mask`).
 
 Where we differ, on purpose: the Conv1D is always applied and pads causally (k-1 steps on
 the left) so any kernel size keeps T, and masks stay aligned; key padding masks are
@@ -43,20 +44,39 @@ def sinusoidal_positions(T: int, d: int, device=None, dtype=torch.float32) -> to
     return pe.to(dtype)
 
 
-def attention_mask(Tq: int, Tk: int, key_mask: torch.Tensor | None, causal: bool, device) -> torch.Tensor | None:
+def attention_mask(Tq: int, Tk: int, key_mask: torch.Tensor | None, causal: bool, device,
+                   query_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask (True = may attend) of shape [B|1, 1, Tq, Tk], or None for "attend to all".
 
-    Causal as in MulT: query i sees keys j <= i + |Tk - Tq|. A query row that would see no key
-    at all (a padded query before the first real key) is opened up to all keys instead:
-    softmax over nothing is NaN, and NaN would leak into real steps through 0 * NaN in later
-    layers. Those rows are padded queries, so their output is never read.
+    Causal as in MulT: query i sees keys j <= i + |Tk - Tq|. With padding, i and j count *real*
+    steps (their rank among the steps the masks mark True) and Tq, Tk are each sample's real
+    lengths. Every modality is padded to one T, so positions would give an offset of 0 and a
+    query's last real step n (where the read-out happens) would see only source steps 0..n: a
+    12-token transcript would see 12 of 50 audio bins. Counted in real steps, the last real
+    query sees every real key, as the reference's read-out at its last (unpadded) index does;
+    without padding the rule is the reference's exactly.
+
+    A query row that would see no key at all (a padded query before the first real key) is
+    opened up to all keys instead: softmax over nothing is NaN, and NaN would leak into real
+    steps through 0 * NaN in later layers. Those rows are padded queries, so their output is
+    never read.
     """
     if key_mask is None and not causal:
         return None
-    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
-    if causal:
-        allowed = allowed.tril(diagonal=abs(Tk - Tq))
-    allowed = allowed[None, None]
+    if causal and (key_mask is not None or query_mask is not None):
+        rank_q = (torch.arange(Tq, device=device)[None] if query_mask is None
+                  else query_mask.long().cumsum(1) - 1)                                  # [B|1, Tq]
+        rank_k = (torch.arange(Tk, device=device)[None] if key_mask is None
+                  else key_mask.long().cumsum(1) - 1)                                    # [B|1, Tk]
+        n_q = torch.full((1,), Tq, device=device) if query_mask is None else query_mask.sum(1)
+        n_k = torch.full((1,), Tk, device=device) if key_mask is None else key_mask.sum(1)
+        offset = (n_k - n_q).abs()
+        allowed = (rank_k[:, None, :] <= rank_q[:, :, None] + offset[:, None, None])[:, None]
+    else:
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+        if causal:
+            allowed = allowed.tril(diagonal=abs(Tk - Tq))
+        allowed = allowed[None, None]
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
@@ -236,8 +256,8 @@ class TransformerEncoder(nn.Module):
         key_mask = x_mask if src is None else src_mask
         Tq, Tk = x.shape[1], (x if src is None else src).shape[1]
         # One mask for all layers; SDPA's own causal kernel when the mask is purely causal.
-        is_causal = key_mask is None and self.causal and Tq == Tk
-        bias = attention_bias(attention_mask(Tq, Tk, key_mask, self.causal, x.device), x.dtype)
+        is_causal = key_mask is None and x_mask is None and self.causal and Tq == Tk
+        bias = attention_bias(attention_mask(Tq, Tk, key_mask, self.causal, x.device, x_mask), x.dtype)
         for layer in self.layers:
             x = layer(x, src, bias, is_causal)
         return self.ln_f(x)
