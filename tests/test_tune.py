@@ -437,3 +437,44 @@ def test_postgresql_urls_use_psycopg3_whatever_driver_they_name():
                   "postgresql+psycopg://u:p%40ss@h:5432/db"):
         assert with_driver(given) == "postgresql+psycopg://u:p%40ss@h:5432/db"  # the password survives, escaped
     assert with_driver("sqlite:///x/optuna.db") == "sqlite:///x/optuna.db"
+
+
+def test_a_trial_never_sees_the_test_split(root, tmp_path, monkeypatch):
+    """Trials choose τ, N and λ, so they are scored on valid only: with every test segment's
+    audio, visual and label poisoned (NaN), the search still completes, and no trial run logs a
+    test_* metric. Scoring the test split would raise on the NaN predictions."""
+    import shutil
+
+    import mlflow
+    import numpy as np
+
+    from psamf.data.prepared import load_prepared, save_prepared
+    from psamf.psa_mf.tune import tune
+
+    monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
+    prepared = tmp_path / "prepared"
+    shutil.copytree(root / "prepared", prepared)
+    ds = load_prepared(prepared / "synthetic")
+    test = (ds.segments["split"] == "test").to_numpy()
+    assert test.any()
+    for m in ("audio", "visual"):
+        ds.arrays[m][test] = np.nan
+    ds.segments.loc[test, "label"] = np.nan
+    shutil.rmtree(prepared / "synthetic")
+    save_prepared(ds, prepared / "synthetic")
+
+    cfg = cfg_for(root, f"data.prepared_dir={prepared}", f"tune.out_dir={tmp_path}/tune",
+                  f"tune.storage=sqlite:///{tmp_path}/optuna.db", "tune.pruner=none", "tune.n_trials=1")
+    s = tune(cfg, workers=1)
+    assert s["complete"] and s["trials_by_state"]["COMPLETE"] == 1, s["trials_by_state"]
+    assert np.isfinite(s["best_value"])
+    parent = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'tune'",
+                                order_by=["attributes.start_time DESC"]).iloc[0]
+    trial_runs = mlflow.search_runs(search_all_experiments=True,
+                                    filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    assert len(trial_runs) == 1
+    nested = mlflow.search_runs(search_all_experiments=True,
+                                filter_string=f"tags.mlflow.parentRunId = '{trial_runs.run_id[0]}'")
+    logged = [c for runs in (trial_runs, nested) for c in runs.columns
+              if c.startswith("metrics.") and runs[c].notna().any()]
+    assert logged and not [c for c in logged if c.startswith("metrics.test_")], logged

@@ -5,7 +5,8 @@
 
 Both use the standard folds of the prepared dataset: fit on split=train, early-stop and pick
 the epoch on valid MAE, report valid (at the best epoch) and test in every metric convention
-(psamf.metrics.CONVENTIONS). Both train through psamf.training.fit.
+(psamf.metrics.CONVENTIONS). Both train through psamf.training.fit. A tune trial (`trial=`)
+chooses, so it gets train and valid only: the test rows are dropped before any tensor is made.
 
 Inputs per segment: the transcript tokenized with the text encoder's tokenizer
 (`psamf.max_len`; each batch is trimmed to its longest row, which changes nothing but speed);
@@ -111,12 +112,19 @@ def check_personality_encoder(cfg: Config) -> None:
         raise InputError(p, f"personality encoder not found; {hint}")
 
 
-def load_split_data(cfg: Config) -> PreparedDataset:
+SPLITS = ("train", "valid", "test")
+SELECTION_SPLITS = ("train", "valid")  # what a tune trial may see: it chooses, so never the test split
+
+
+def load_split_data(cfg: Config, splits: tuple[str, ...] = SPLITS) -> PreparedDataset:
+    """The prepared data restricted to `splits` (each must have segments); the other rows are
+    dropped before any tensor is made from them."""
     ds = load_prepared(cfg.data.prepared_path)
-    for split in ("train", "valid", "test"):
+    for split in splits:
         if not (ds.segments["split"] == split).any():
             raise InputError(cfg.data.prepared_path / "segments.parquet", f"no {split} segments")
-    return ds
+    keep = ds.segments["split"].isin(splits).to_numpy()
+    return ds if keep.all() else ds.subset(keep)
 
 
 def segment_tensors(cfg: Config, ds: PreparedDataset, personality: bool) -> tuple[dict[str, torch.Tensor], dict]:
@@ -232,7 +240,9 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
          run_name: str, tags: dict) -> dict[str, Any]:
     tc = cfg.train
     split = ds.segments["split"].to_numpy()
-    data = {s: take(tensors, split == s) for s in ("train", "valid", "test")}
+    data = {s: take(tensors, split == s) for s in SPLITS if (split == s).any()}
+    if trial is not None and "test" in data:  # load_split_data dropped them; a trial must never score test
+        raise RuntimeError("a tune trial was handed test segments")
     ckpt = out_dir / "ckpt"
     progress = BatchProgress(len(data["train"]["label"]), tc.batch_size, run_name)
     parts_sum: dict[str, float] = {}
@@ -298,7 +308,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
             "ablation": cfg.psamf.ablation if kind == "psamf" else None,
             "text_encoder": cfg.psamf.encoder, "profile": cfg.profile,
             "n_train": len(data["train"]["label"]), "n_valid": len(data["valid"]["label"]),
-            "n_test": len(data["test"]["label"]), "epochs": tc.epochs, "best_epoch": result.best_epoch,
+            "n_test": len(data["test"]["label"]) if "test" in data else 0, "epochs": tc.epochs, "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
             "history": result.history, "device": device.type, "amp": amp, "fingerprint": fp,
             "out_dir": str(out_dir), "model_dir": str(out_dir), "pruned": pruned["epoch"] is not None,
@@ -308,12 +318,13 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
             report["personality_encoder"] = (None if cfg.psamf.ablation == "no_personality"
                                              else cfg.psamf.personality_encoder)
         if pruned["epoch"] is not None:
-            report.update(pruned_epoch=pruned["epoch"], valid={"mae": result.best_score}, test={})
+            report.update(pruned_epoch=pruned["epoch"], valid={"mae": result.best_score})
             write_json(out_dir / "metrics.json", report)
             tracking.set_tags({"pruned": True})
         else:
             report["valid"] = scores(model, "valid", keep=True)
-            report["test"] = scores(model, "test", keep=True)
+            if trial is None:  # a tune trial chooses, so it is scored on valid only
+                report["test"] = scores(model, "test", keep=True)
             if trial is None:  # a tune trial's model is thrown away: no file worth its writing
                 write_predictions(out_dir / PREDICTIONS, ds, held_out)
                 write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
@@ -322,7 +333,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
                         av_simulated=ds.av_simulated)
             write_json(out_dir / "metrics.json", report)
             tracking.log_metrics({**{f"best_valid_{k}": v for k, v in report["valid"].items()},
-                                  **{f"test_{k}": v for k, v in report["test"].items()},
+                                  **{f"test_{k}": v for k, v in report.get("test", {}).items()},
                                   "best_epoch": result.best_epoch})
             tracking.log_artifact(out_dir / "metrics.json", "train")
     if not tc.keep_checkpoints:
@@ -406,7 +417,7 @@ def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -
     av_simulated, ablation, out_dir, model_dir (and more)."""
     from psamf.models.psamf import PSAMF
 
-    ds = load_split_data(cfg)
+    ds = load_split_data(cfg, SELECTION_SPLITS if trial is not None else SPLITS)
     check_personality_encoder(cfg)
     ablation = cfg.psamf.ablation
     personality = ablation != "no_personality"

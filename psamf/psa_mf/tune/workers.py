@@ -88,6 +88,9 @@ def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=No
                 done = c["COMPLETE"] + c["PRUNED"]
                 if done >= n or not budget_allows_trial(study, cfg, running=False):
                     break
+                if c["FAIL"] >= n:  # every trial diverges (or dies): stop rather than loop forever
+                    log.warning("tune: %d trials failed, as many as tune.n_trials; stopping", c["FAIL"])
+                    break
                 if done + c["RUNNING"] >= n or not budget_allows_trial(study, cfg):
                     # Every remaining trial (or epoch) is running elsewhere. Without a heartbeat a
                     # dead worker's trial would stay RUNNING forever, so leave; with one, wait: it
@@ -224,7 +227,11 @@ def tune(cfg: Config, workers: int | None = None, *, join: bool = False,
         if not study_finished(study, cfg):
             bad = [r for r in results if r["exit_code"] != 0]
             tail = _log_tail(bad[-1]["log"]) if bad and "log" in bad[-1] else ""
+            reasons = [t.user_attrs.get("fail_reason")
+                       for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL"]
+            reasons = [r for r in reasons if r]
             raise RuntimeError(f"tune: the study has {c['COMPLETE'] + c['PRUNED']} of {cfg.tune.n_trials} finished "
-                               f"trials after all workers exited (exit codes {[r['exit_code'] for r in results]})"
+                               f"trials after all workers exited (exit codes {[r['exit_code'] for r in results]}, "
+                               f"{c['FAIL']} failed" + (f"; last failure: {reasons[-1]}" if reasons else "") + ")"
                                + (f"; last worker log:\n{tail}" if tail else ""))
         return finalize(cfg, study, {"workers": results, "n_workers": workers, "wall_s": wall})
