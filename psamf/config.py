@@ -54,10 +54,13 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 RANGES: dict[tuple[str, str], tuple[tuple[str, float | str], ...]] = {
     ("data", "max_csd_mb"): ((">=", 1),),
     ("data", "loo_users"): ((">=", 1),),
+    ("data", "selection_users"): ((">=", 1),),
+    ("finetune", "support_pool"): ((">", 0), ("<", 1)),
     ("personality", "max_train_clips"): ((">=", 1),),
     ("mult", "n_heads"): ((">=", 1),),
     ("mult", "d_model"): (("a multiple of", "n_heads"),),
     ("user_adapter", "prompt_len"): ((">=", 1),),
+    ("user_adapter", "unknown_p"): ((">=", 0), ("<", 1)),
     ("psamf", "tau"): ((">", 0),),
     ("psamf", "max_len"): ((">=", 2),),
     ("psamf", "split_layer"): ((">=", 1),),  # and < the encoder's depth: models/encoders.py, once it is loaded
@@ -126,6 +129,9 @@ class DataConfig(_Checked):
     orphan_transcripts: str = "warn"
     max_csd_mb: int = 4096
     loo_users: int = 10
+    # Speakers that choose the fine-tuning knobs (`psamf loo --select`): the next ones by segment
+    # count after the loo_users report speakers, disjoint from them.
+    selection_users: int = 10
     min_user_segments: int = 20
     seed: int = 0
 
@@ -224,6 +230,12 @@ class UserAdapterConfig(_Checked):
     hidden: int = 512
     prompt_len: int = 1
     position: str = "end"
+    # Pretraining only: each sample's user becomes UNKNOWN with this probability, so row 0 learns
+    # a cold-start token. The paper has no unknown row in training (0).
+    unknown_p: float = 0.1
+    # The paper (Sec. 4.1) moves MulT's temporal Conv1D into the adapter, so fine-tuning trains it
+    # at lr_adapter; false keeps it in the base group (lr_base).
+    includes_conv: bool = False
 
 
 @dataclass
@@ -243,6 +255,9 @@ class FinetuneConfig(_Checked):
     k_shot: int = 5
     draws: int = 5
     stratified: bool = False
+    # Stratified draws bin over a support pool, this fraction of the user's segments drawn at
+    # random per draw; the rest is the test set, whose labels the binning never sees.
+    support_pool: float = 0.5
     epochs: int = 10
     dropout: bool = False
     lr_base: float = 1e-4

@@ -17,10 +17,10 @@ Rounding at .5: we use np.round, which rounds half to even (0.5 -> 0, 1.5 -> 2, 
 bit for bit; "round half away from zero" would disagree on exact-.5 values, and MOSI labels
 are averages of annotator scores that do land on .5 (e.g. 0.5, -1.5, 2.5).
 
-Note on the MulT repo: its `eval_mosi` calls `eval_mosei_senti(..., exclude_zero=False)`,
-so as released it keeps t == 0 samples (as negatives under `> 0`). DESIGN.md defines the
-"MulT repo" convention as the Non0 subset with the F1 argument swap, and that is what
-`mult_*` computes; the swap is the part that changes published F1 numbers.
+Note on the MulT repo: `eval_mosi`'s own default is exclude_zero=False, but its train.py calls
+it with exclude_zero=True, so the published MulT numbers drop t == 0 samples: the Non0 subset.
+`mult_*` computes that subset with the repo's F1 argument swap, the part that changes published
+F1 numbers.
 """
 from __future__ import annotations
 

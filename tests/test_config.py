@@ -164,3 +164,15 @@ def test_a_saved_model_without_newer_keys_loads_as_it_was_trained():
     import dataclasses
 
     assert saved_psamf_config(dataclasses.asdict(PsamfConfig())) == PsamfConfig()  # a current model: as saved
+
+
+def test_the_paper_profile_is_the_personalized_mult_paper():
+    cfg = load_config(REPO / "params.yaml", "paper")
+    # Sec. 5.3: 5 layers, 10 heads, output dimension 30, Adam 1e-3 for 40 epochs; Sec. 4.1: the
+    # Conv1D in the adapter, no unknown row in training; fine-tuning 5-shot, 1e-4 / 1e-3, lambda 0.6.
+    assert (cfg.mult.d_model, cfg.mult.n_heads, cfg.mult.n_layers) == (30, 10, 5)
+    assert (cfg.pretrain.epochs, cfg.pretrain.lr) == (40, 1e-3)
+    assert cfg.user_adapter.unknown_p == 0.0 and cfg.user_adapter.includes_conv
+    assert (cfg.user_adapter.hidden, cfg.user_adapter.prompt_len, cfg.user_adapter.position) == (512, 1, "end")
+    assert (cfg.finetune.k_shot, cfg.finetune.lr_base, cfg.finetune.lr_adapter, cfg.finetune.kd_lambda) == \
+        (5, 1e-4, 1e-3, 0.6)

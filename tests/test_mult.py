@@ -355,3 +355,18 @@ def test_kernel_one_projection_is_the_conv():
     _, audio, _ = batch()
     conv = model.proj["audio"](audio.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(model._project("audio", audio, None), conv)
+
+
+def test_includes_conv_moves_the_temporal_conv_into_the_adapter_group():
+    from psamf.config import MultConfig, UserAdapterConfig
+
+    cfg = MultConfig(d_model=8, n_heads=2, n_layers=1)
+    names = {}
+    for includes in (False, True):
+        model = MulT.from_config(cfg, UserAdapterConfig(hidden=8, includes_conv=includes), 6, 5, 4, users=["u"])
+        groups = {g["name"]: {id(p) for p in g["params"]} for g in model.param_groups(1e-4, 1e-3)}
+        conv = {id(p) for p in model.proj.parameters()}
+        names[includes] = "user_adapter" if conv <= groups["user_adapter"] else "base" if conv <= groups["base"] else "?"
+        assert not groups["base"] & groups["user_adapter"]
+        assert len(groups["base"]) + len(groups["user_adapter"]) == len(list(model.parameters()))
+    assert names == {False: "base", True: "user_adapter"}

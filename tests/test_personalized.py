@@ -15,7 +15,7 @@ from corpora import smoke_corpus
 
 from psamf.config import load_config
 from psamf.data.prepared import load_prepared
-from psamf.mult.finetune import draw_support, finetune
+from psamf.mult.finetune import _finetune_copy, draw_split, finetune
 from psamf.mult.loo import loo
 from psamf.mult.pretrain import pretrain
 from psamf.stats import mean_ci, paired_diff
@@ -51,12 +51,60 @@ def test_mean_ci_matches_the_t_interval():
 
 def test_support_draws_are_seeded_and_stratified_spans_the_range():
     labels = np.r_[np.full(40, 2.0), np.linspace(-3, 3, 10)]
-    a = draw_support(labels, 5, np.random.default_rng([0, 1]), stratified=False)
-    b = draw_support(labels, 5, np.random.default_rng([0, 1]), stratified=False)
+    a, ta = draw_split(labels, 5, np.random.default_rng([0, 1]), stratified=False)
+    b, _ = draw_split(labels, 5, np.random.default_rng([0, 1]), stratified=False)
     assert a.tolist() == b.tolist() and len(set(a)) == 5
+    assert sorted(a.tolist() + ta.tolist()) == list(range(len(labels)))
+    spans = 0
     for r in range(5):
-        s = draw_support(labels, 5, np.random.default_rng([0, r]), stratified=True)
-        assert labels[s].min() < 0 < labels[s].max()  # uniform draws here are mostly 2.0s
+        s, t = draw_split(labels, 5, np.random.default_rng([0, r]), stratified=True)
+        assert len(s) == 5 and not set(s) & set(t)
+        spans += labels[s].min() < 0 < labels[s].max()  # uniform draws here are mostly 2.0s
+    assert spans >= 4
+
+
+def test_stratified_bins_never_see_a_test_label():
+    """The bins are cut over the support pool alone: changing the test segments' labels changes
+    neither the support set nor the test set."""
+    rng_labels = np.random.default_rng(7)
+    labels = rng_labels.uniform(-3, 3, 60)
+    s, t = draw_split(labels, 5, np.random.default_rng([0, 3]), stratified=True, support_pool=0.5)
+    assert len(t) == 30 and not set(s) & set(t)
+    moved = labels.copy()
+    moved[t] = np.where(moved[t] > 0, -3.0, 3.0)  # extreme test labels would stretch the bins
+    s2, t2 = draw_split(moved, 5, np.random.default_rng([0, 3]), stratified=True, support_pool=0.5)
+    assert s2.tolist() == s.tolist() and t2.tolist() == t.tolist()
+
+
+def test_fine_tuning_never_swaps_the_user_for_unknown(corpus):
+    """With finetune.dropout on, the model trains in train mode; the adapter's UNKNOWN swap must
+    still be off, or about unknown_p of the 5 support samples lose the user's own token."""
+    import dataclasses
+
+    import torch
+
+    from psamf.models.user_adapter import UNKNOWN
+    from psamf.mult.pretrain import load_pretrained, mult_inputs, take
+
+    root, cfg = corpus
+    user = load_prepared(cfg.data.prepared_path).loo_users(1)[0]
+    pretrain(cfg, user)
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, dropout=True, epochs=4),
+                              user_adapter=dataclasses.replace(cfg.user_adapter, unknown_p=0.9))
+    ds, tensors, _ = mult_inputs(cfg)
+    base, vocab = load_pretrained(cfg, user, tensors)
+    seen: list[torch.Tensor] = []
+    original = type(base.user_adapter.user_embedding["text"]).forward
+
+    def spy(self, ids):
+        seen.append(ids.clone())
+        return original(self, ids)
+
+    idx = np.flatnonzero(ds.segments["speaker_id"].to_numpy() == user)[:5]
+    import unittest.mock as mock
+    with mock.patch.object(type(base.user_adapter.user_embedding["text"]), "forward", spy):
+        _finetune_copy(base, vocab, user, cfg, take(tensors, idx), None, seed=0)
+    assert seen and all((ids != UNKNOWN).all() for ids in seen)
 
 
 # ---- training path ----------------------------------------------------------------------------

@@ -310,17 +310,20 @@ class MulT(nn.Module):
             users = n_users
         adapter = None
         if ua_cfg.enabled:
-            # unknown_p has no params.yaml key (yet); read it if one is added.
-            unknown_p = getattr(ua_cfg, "unknown_p", 0.1)
-            adapter = UserAdapter(users, cfg.d_model, ua_cfg, unknown_p=unknown_p)
+            adapter = UserAdapter(users, cfg.d_model, ua_cfg, unknown_p=ua_cfg.unknown_p)
         return cls(cfg, text_dim, audio_dim, visual_dim, user_adapter=adapter)
 
     # -- parameter groups: fine-tuning uses lr_base for the MulT and lr_adapter for the adapter
+    def _in_adapter(self, name: str) -> bool:
+        """user_adapter.*, and with user_adapter.includes_conv the temporal Conv1D (paper Sec. 4.1)."""
+        ua = self.user_adapter
+        return name.startswith("user_adapter.") or (ua is not None and ua.includes_conv and name.startswith("proj."))
+
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
-        return iter(()) if self.user_adapter is None else self.user_adapter.parameters()
+        return (p for n, p in self.named_parameters() if self._in_adapter(n))
 
     def base_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for n, p in self.named_parameters() if not n.startswith("user_adapter."))
+        return (p for n, p in self.named_parameters() if not self._in_adapter(n))
 
     def param_groups(self, lr_base: float, lr_adapter: float) -> list[dict]:
         """Optimizer groups, e.g. torch.optim.Adam(model.param_groups(1e-4, 1e-3))."""

@@ -96,6 +96,7 @@ class UserAdapter(nn.Module):
         self.d_model = d_model
         self.prompt_len = cfg.prompt_len
         self.position = cfg.position
+        self.includes_conv = cfg.includes_conv  # MulT puts its Conv1D in the adapter's optimizer group
         self.unknown_p = unknown_p
         # One row of prompt_len * d_model per user: each prompt token has its own u', and the
         # modality's MLP is shared across the prompt tokens (as in prefix-tuning).

@@ -37,22 +37,31 @@ from psamf.training import Batch, predict
 VARIANTS = ("baseline", "fs_ua", "fs_ua_kd")
 
 
-def draw_support(labels: np.ndarray, k: int, rng: np.random.Generator, stratified: bool) -> np.ndarray:
-    """Indices (into labels) of a k-shot support set.
+def draw_split(labels: np.ndarray, k: int, rng: np.random.Generator, stratified: bool,
+               support_pool: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(support, test): indices (into labels) of a k-shot support set and of the test set.
 
-    stratified: cut the user's label range [min, max] into k equal-width bins and take one
-    sample from each non-empty bin (topping up at random when fewer than k bins are
-    occupied), so the support set spans the range instead of piling up where labels are dense.
+    uniform: k segments at random; the test set is all the others.
+    stratified: first a support pool, `support_pool` of the segments at random (at least k, and
+    at least one left over); its label range [min, max] is cut into k equal-width bins and one
+    sample is taken from each non-empty bin (topped up at random from the pool), so the support
+    set spans the range instead of piling up where labels are dense. Only the pool's labels
+    are looked at, and the test set is the segments outside the pool: the binning never sees a
+    test label, and the leftovers of the pool (whose labels steered the choice) are not scored.
     """
     n = len(labels)
     if not stratified:
-        return np.sort(rng.choice(n, size=k, replace=False))
-    edges = np.linspace(labels.min(), labels.max(), k + 1)
-    bin_of = np.clip(np.searchsorted(edges, labels, side="right") - 1, 0, k - 1)
+        support = np.sort(rng.choice(n, size=k, replace=False))
+        return support, np.setdiff1d(np.arange(n), support)
+    n_pool = min(max(k, int(round(support_pool * n))), n - 1)
+    pool = rng.permutation(n)[:n_pool]
+    pl = labels[pool]
+    edges = np.linspace(pl.min(), pl.max(), k + 1)
+    bin_of = np.clip(np.searchsorted(edges, pl, side="right") - 1, 0, k - 1)
     chosen = [int(rng.choice(np.flatnonzero(bin_of == b))) for b in range(k) if (bin_of == b).any()]
-    rest = np.setdiff1d(np.arange(n), chosen)
+    rest = np.setdiff1d(np.arange(n_pool), chosen)
     chosen += rng.choice(rest, size=k - len(chosen), replace=False).tolist()
-    return np.sort(np.array(chosen))
+    return np.sort(pool[chosen]), np.setdiff1d(np.arange(n), pool)
 
 
 def _finetune_copy(base: MulT, vocab: UserVocab, user: str, cfg: Config, support: Batch,
@@ -64,6 +73,9 @@ def _finetune_copy(base: MulT, vocab: UserVocab, user: str, cfg: Config, support
     row = v.add(user)
     if model.user_adapter is not None:
         model.user_adapter.grow(len(v))
+        # The UNKNOWN swap is pretraining's device for a cold-start row; with finetune.dropout on
+        # it would replace the user's own token on about unknown_p of the k support samples.
+        model.user_adapter.unknown_p = 0.0
     batch = dict(support, user=torch.full((len(support["label"]),), row, dtype=torch.long))
     opt = torch.optim.Adam(model.param_groups(fc.lr_base, fc.lr_adapter), fused=True)
     torch.manual_seed(seed)
@@ -119,8 +131,7 @@ def _finetune_draws(cfg: Config, user: str) -> dict[str, Any]:
         teacher_all = torch.from_numpy(predict(base, take(tensors, idx, unknown), forward))
     for r in tqdm(range(fc.draws), desc=f"finetune[{user}]", unit="draw", leave=False):
         rng = np.random.default_rng([fc.seed, r])
-        s = draw_support(labels, fc.k_shot, rng, fc.stratified)
-        t = np.setdiff1d(np.arange(len(idx)), s)
+        s, t = draw_split(labels, fc.k_shot, rng, fc.stratified, fc.support_pool)
         support = take(tensors, idx[s])
         preds = {"baseline": teacher_all[t].numpy()}
         for variant, kd in (("fs_ua", None), ("fs_ua_kd", teacher_all[s])):
