@@ -10,16 +10,29 @@
 
 Loss (what `forward` returns as `total` when the batch has labels):
 
-    total = L1(y_hat, y) + aux_lambda * (L_Align + L_clm)
+    total = L1(y_hat, y) + aux_lambda * (L_Align + clm_weight * L_clm),
+    L_Align = mean(ccl_weight * L_ccl + ps_weight * L_ps)            (logged as `align`)
 
-aux_lambda (PsamfConfig.aux_lambda, searched by `tune`) scales the sum of the two auxiliary
-losses as one unit; it does not weight L_Align against L_clm. The paper sums all three terms
+aux_lambda (PsamfConfig.aux_lambda, searched by `tune`) scales the auxiliary losses as one unit;
+the three weights (1 by default) weight them against each other (the official code: 1, 0.1, 0.09
+with aux_lambda 1). The paper sums all three terms
 unweighted, so aux_lambda = 1 gives its sum (and with sim_weight = "raw", below, its literal
 L_ccl and L_ps too); aux_lambda = 0 trains on L1 alone (the auxiliary terms are still computed
 and logged). Ablated terms are exact zeros.
 
 Every choice the paper leaves open, and why, is in the README's "PSA-MF" section (the
 measurements behind each: bench/DECISIONS.md).
+
+The official code's form of each part (the `paper` profile; README "PSA-MF" has the provenance),
+switched per part, our form being every default:
+- prefusion_av lstm_token: one pre-fusion token per modality from the LSTM's last state
+  (LSTMToken), prefusion_personality adding CLS_p to it before its ReLU; prefusion_init random:
+  fresh pre-fusion layers; prefusion_params encoder: token and L_clm heads in the encoder group.
+- align_layer: the hidden state whose CLS feeds L_ccl / L_ps; ps_projection separate: W_y's own
+  projection; align_weight batch_distance: w = (1 - mean cos)/2 per batch, in the graph.
+- clip_form official: L_cl and L_clm through OfficialClip (see there), L_clm summed over V and A.
+- fusion_form official: Linear(H -> lstm_hidden) query, OfficialFusion; interaction_mask false:
+  the attention sees the zero-padded LSTM steps too.
 
 Ablations (PsamfConfig.ablation), matching the paper's Table:
 - none
