@@ -486,7 +486,9 @@ class PSAMF(nn.Module):
             am = torch.ones_like(ids)
         h_align, hidden = self.text.lower_at(ids, am, batch.get("token_type_ids"), self.cfg.align_layer)
         cls_s = hidden[:, 0]                                            # CLS_s
-        cls_align = h_align[:, 0]                                       # L_ccl / L_ps read this CLS
+        # L_ccl / L_ps read this CLS; the same tensor when align_layer is N (so our form's graph,
+        # and its gradient sums, stay exactly as they were)
+        cls_align = cls_s if h_align is hidden else h_align[:, 0]
 
         x_v, x_a = batch["visual"], batch["audio"]
         v_mask, a_mask = self._step_mask(batch, "visual", x_v), self._step_mask(batch, "audio", x_a)
@@ -524,7 +526,7 @@ class PSAMF(nn.Module):
         kv_mask, ka_mask = (~hv_mask, ~ha_mask) if self.cfg.interaction_mask else (None, None)
         v_t = self.att_v(q, h_v, h_v, key_padding_mask=kv_mask, need_weights=False)[0][:, 0]
         a_t = self.att_a(q, h_a, h_a, key_padding_mask=ka_mask, need_weights=False)[0][:, 0]
-        pred = self.fusion(v_t, a_t, q[:, 0])
+        pred = self.fusion(v_t, a_t, q[:, 0] if self.official_fusion else m_s)  # the code fuses its 64-d query
 
         if cls_p is None and self.personality_encoder is not None:
             cls_p = self.personality_cls(batch)
