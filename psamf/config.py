@@ -28,7 +28,15 @@ CORPORA = ("synthetic", "mosi", "mosei")
 REAL_CORPORA = ("mosi", "mosei")  # read from an SDK download (data.<corpus>_dir); AV may be simulated
 ABLATIONS = ("none", "no_personality", "no_prefusion", "no_enhanced_fusion", "no_ps", "no_clm")
 SIM_WEIGHTS = ("affine", "raw", "clamp")
+ALIGN_WEIGHTS = ("sim_weight", "batch_distance")
 PREFUSION_TEXT = ("cls", "tokens")
+PREFUSION_AV = ("frames", "lstm_token")
+PREFUSION_INITS = ("pretrained", "random")
+PARAM_PLACES = ("head", "encoder")
+FORMS = ("ours", "official")  # psamf.clip_form / psamf.fusion_form: our design or the authors' code
+PS_PROJECTIONS = ("shared", "separate")
+OPTIMIZERS = ("adamw", "adam")
+INITS = ("default", "xavier_normal")
 AV_NORMS = ("none", "speaker")
 LR_SCHEDULES = ("constant", "linear", "cosine")  # transformers.get_scheduler names needing no extra arguments
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,7 +52,16 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("psamf", "sim_weight"): SIM_WEIGHTS,
     ("psamf", "prefusion_text"): PREFUSION_TEXT,
     ("psamf", "av_norm"): AV_NORMS,
+    ("psamf", "align_weight"): ALIGN_WEIGHTS,
+    ("psamf", "prefusion_av"): PREFUSION_AV,
+    ("psamf", "prefusion_init"): PREFUSION_INITS,
+    ("psamf", "prefusion_params"): PARAM_PLACES,
+    ("psamf", "ps_projection"): PS_PROJECTIONS,
+    ("psamf", "clip_form"): FORMS,
+    ("psamf", "fusion_form"): FORMS,
     ("train", "lr_schedule"): LR_SCHEDULES,
+    ("train", "optimizer"): OPTIMIZERS,
+    ("train", "init"): INITS,
     ("train", "device"): DEVICES,
     ("tune", "pruner"): PRUNERS,
 }
@@ -64,7 +81,15 @@ RANGES: dict[tuple[str, str], tuple[tuple[str, float | str], ...]] = {
     ("psamf", "tau"): ((">", 0),),
     ("psamf", "max_len"): ((">=", 2),),
     ("psamf", "split_layer"): ((">=", 1),),  # and < the encoder's depth: models/encoders.py, once it is loaded
+    ("psamf", "align_layer"): ((">=", 1), ("<=", "split_layer")),
+    ("psamf", "ccl_weight"): ((">=", 0),),
+    ("psamf", "ps_weight"): ((">=", 0),),
+    ("psamf", "clm_weight"): ((">=", 0),),
     ("train", "warmup_ratio"): ((">=", 0), ("<", 1)),
+    ("train", "weight_decay"): ((">=", 0),),
+    ("train", "grad_clip"): ((">", 0),),
+    ("train", "plateau_patience"): ((">=", 0),),  # null: no ReduceLROnPlateau
+    ("train", "plateau_factor"): ((">", 0), ("<", 1)),
     ("tune", "n_trials"): ((">=", 1),),
     ("tune", "epochs"): ((">=", 1),),
     ("tune", "tau_min"): ((">", 0), ("<=", "tau_max")),
@@ -287,11 +312,32 @@ class PsamfConfig(_Checked):
     av_gate: bool = False
     prefusion_residual: bool = True
     av_norm: str = "speaker"
+    # The official code's form of each part (README "PSA-MF", the provenance table); the defaults
+    # are our form. models/psamf.py says what each switches.
+    prefusion_av: str = "frames"
+    prefusion_personality: bool = False
+    prefusion_init: str = "pretrained"
+    prefusion_params: str = "head"
+    align_layer: int | None = None
+    align_weight: str = "sim_weight"
+    ps_projection: str = "shared"
+    clip_form: str = "ours"
+    ccl_weight: float = 1.0
+    ps_weight: float = 1.0
+    clm_weight: float = 1.0
+    fusion_form: str = "ours"
+    interaction_mask: bool = True
 
 
 # What a model saved before these keys existed was trained with (saved_psamf_config fills them in).
 # prefusion_text and av_gate came in one commit: a model without them fed [CLS_s, X_v, X_a], ungated.
-SAVED_PSAMF_DEFAULTS = {"prefusion_text": "cls", "av_gate": False, "prefusion_residual": False, "av_norm": "none"}
+# The official-form switches (prefusion_av ... interaction_mask) came later; before them every model
+# had our form, their defaults, pinned here so that a later change of default cannot reach an old model.
+SAVED_PSAMF_DEFAULTS = {"prefusion_text": "cls", "av_gate": False, "prefusion_residual": False, "av_norm": "none",
+                        "prefusion_av": "frames", "prefusion_personality": False, "prefusion_init": "pretrained",
+                        "prefusion_params": "head", "align_layer": None, "align_weight": "sim_weight", "ps_projection": "shared",
+                        "clip_form": "ours", "ccl_weight": 1.0, "ps_weight": 1.0, "clm_weight": 1.0,
+                        "fusion_form": "ours", "interaction_mask": True}
 
 
 def saved_psamf_config(values: dict[str, Any] | None) -> "PsamfConfig":
@@ -311,6 +357,14 @@ class TrainConfig(_Checked):
     # after warmup_ratio of the run's steps of linear warmup from 0.
     lr_schedule: str = "constant"
     warmup_ratio: float = 0.0
+    # ReduceLROnPlateau on valid MAE, stepped once per epoch: epochs without a better score before
+    # the LR is multiplied by plateau_factor; null = off. Only with lr_schedule constant, no warmup.
+    plateau_patience: int | None = None
+    plateau_factor: float = 0.5
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01  # both groups; torch's AdamW default, which the loop used before this key
+    grad_clip: float | None = None  # max global grad norm; null = no clipping
+    init: str = "default"  # xavier_normal: every matrix of the non-encoder group (the official code)
     patience: int = 2
     device: str = "auto"
     amp: bool = True

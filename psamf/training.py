@@ -131,7 +131,8 @@ def fit(
     the best weights; a later call with the same fingerprint resumes from `last.pt`.
     At the end the model holds the best weights. `should_stop` lets a caller (an Optuna
     pruner) end the run after an epoch. `scheduler` (a torch LR scheduler) steps after every
-    optimizer step, and its state is checkpointed with the optimizer's. `store` (a
+    optimizer step, except ReduceLROnPlateau, which steps once per epoch on `evaluate()[monitor]`;
+    its state is checkpointed with the optimizer's. `store` (a
     psamf.checkpoints.CheckpointStore) mirrors every checkpoint to a place that outlives the task.
     """
     ckpt = Path(ckpt_dir) if ckpt_dir else None
@@ -155,6 +156,7 @@ def fit(
         else:
             log.warning("%s: checkpoint in %s is for other settings; starting over", desc, ckpt)
     resumed_from = start_epoch
+    per_epoch = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     for epoch in tqdm(range(start_epoch, epochs), desc=desc, unit="epoch", leave=False,
                       initial=start_epoch, total=epochs):
         if stopped:
@@ -168,7 +170,7 @@ def fit(
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
-            if scheduler is not None:
+            if scheduler is not None and not per_epoch:
                 scheduler.step()
             n = len(next(iter(batch.values())))
             total += float(loss.detach()) * n
@@ -178,6 +180,8 @@ def fit(
             metrics = {"train_loss": total / max(count, 1), **evaluate(model)}
         history.append({"epoch": epoch, **metrics})
         score = metrics[monitor]
+        if per_epoch:
+            scheduler.step(score)
         if score < best:
             best, best_epoch, bad_epochs = score, epoch, 0
             best_state = snapshot(model)

@@ -176,3 +176,75 @@ def test_the_paper_profile_is_the_personalized_mult_paper():
     assert (cfg.user_adapter.hidden, cfg.user_adapter.prompt_len, cfg.user_adapter.position) == (512, 1, "end")
     assert (cfg.finetune.k_shot, cfg.finetune.lr_base, cfg.finetune.lr_adapter, cfg.finetune.kd_lambda) == \
         (5, 1e-4, 1e-3, 0.6)
+
+
+OFFICIAL_PSAMF = {"encoder": "bert-base-uncased", "split_layer": 11, "tau": 0.07, "aux_lambda": 1.0,
+                  "lstm_hidden": 64, "attn_heads": 2, "align_dim": 64, "fusion_dim": 128, "max_len": 50,
+                  "prefusion_text": "tokens", "prefusion_residual": False, "av_gate": False, "av_norm": "none",
+                  "prefusion_av": "lstm_token", "prefusion_personality": True, "prefusion_init": "random",
+                  "prefusion_params": "encoder", "align_layer": 10, "align_weight": "batch_distance",
+                  "ps_projection": "separate", "clip_form": "official", "ccl_weight": 1.0, "ps_weight": 0.1,
+                  "clm_weight": 0.09, "fusion_form": "official", "interaction_mask": False}
+OFFICIAL_TRAIN = {"epochs": 100, "batch_size": 128, "lr": 5e-5, "lr_head": 5e-4, "optimizer": "adam",
+                  "weight_decay": 1e-4, "grad_clip": 1.0, "init": "xavier_normal", "plateau_patience": 20,
+                  "plateau_factor": 0.5, "lr_schedule": "constant", "warmup_ratio": 0.0}
+
+
+def test_paper_profile_is_the_official_codes_form_and_demo_keeps_ours():
+    import dataclasses
+
+    from psamf.config import PsamfConfig, TrainConfig
+
+    paper = load_config("params.yaml", "paper")
+    assert {k: getattr(paper.psamf, k) for k in OFFICIAL_PSAMF} == OFFICIAL_PSAMF
+    assert {k: getattr(paper.train, k) for k in OFFICIAL_TRAIN} == OFFICIAL_TRAIN
+    demo = load_config("params.yaml", "demo")
+    ours = {f.name for f in dataclasses.fields(PsamfConfig)} - {"max_len"}  # demo trims max_len only
+    assert {k: getattr(demo.psamf, k) for k in ours} == {k: getattr(PsamfConfig(), k) for k in ours}
+    for k in ("optimizer", "weight_decay", "grad_clip", "init", "plateau_patience"):
+        assert getattr(demo.train, k) == getattr(TrainConfig(), k), k
+    assert (demo.psamf.fusion_form, demo.psamf.clip_form, demo.train.optimizer) == ("ours", "ours", "adamw")
+
+
+def test_cli_shows_the_paper_profiles_official_keys():
+    out = subprocess.run([sys.executable, "-m", "psamf.cli.main", "config", "--profile", "paper"],
+                         capture_output=True, text=True, check=True).stdout
+    cfg = yaml.safe_load(out)
+
+    def shown(section, want):  # YAML 1.1 reads the printed 5e-05 (no dot) as a string
+        return {k: float(cfg[section][k]) if isinstance(v, float) else cfg[section][k] for k, v in want.items()}
+
+    assert shown("psamf", OFFICIAL_PSAMF) == OFFICIAL_PSAMF
+    assert shown("train", OFFICIAL_TRAIN) == OFFICIAL_TRAIN
+
+
+@pytest.mark.parametrize("override, message", [
+    ("psamf.align_layer=5", "psamf.align_layer must be <= psamf.split_layer (1), got 5"),
+    ("psamf.align_layer=0", "psamf.align_layer must be >= 1, got 0"),
+    ("psamf.ps_weight=-0.1", "psamf.ps_weight must be >= 0, got -0.1"),
+    ("psamf.clm_weight=.inf", "psamf.clm_weight must be a finite number, got inf"),
+    ("psamf.align_weight=mean", "psamf.align_weight must be one of sim_weight, batch_distance, got 'mean'"),
+    ("psamf.fusion_form=theirs", "psamf.fusion_form must be one of ours, official, got 'theirs'"),
+    ("train.plateau_factor=1", "train.plateau_factor must be < 1, got 1.0"),
+    ("train.grad_clip=0", "train.grad_clip must be > 0, got 0.0"),
+    ("train.weight_decay=-1", "train.weight_decay must be >= 0, got -1.0"),
+    ("train.optimizer=sgd", "train.optimizer must be one of adamw, adam, got 'sgd'"),
+])
+def test_the_official_form_keys_are_checked(override, message):
+    with pytest.raises(InputError) as e:
+        load_config("params.yaml", "smoke", [override])
+    assert str(e.value) == f"params: {message}"
+
+
+def test_a_model_saved_before_the_official_keys_keeps_our_form():
+    import dataclasses
+
+    from psamf.config import PsamfConfig, saved_psamf_config
+
+    new_keys = ("prefusion_av", "prefusion_personality", "prefusion_init", "prefusion_params", "align_layer",
+                "align_weight", "ps_projection", "clip_form", "ccl_weight", "ps_weight", "clm_weight",
+                "fusion_form", "interaction_mask")
+    saved = {k: v for k, v in dataclasses.asdict(PsamfConfig()).items() if k not in new_keys}
+    old = saved_psamf_config(saved)
+    assert {k: getattr(old, k) for k in new_keys} == {k: getattr(PsamfConfig(), k) for k in new_keys}
+    assert old == PsamfConfig()

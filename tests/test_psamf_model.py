@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 from psamf.config import ABLATIONS, PsamfConfig
@@ -370,3 +371,233 @@ def test_personality_vocab_mismatch_needs_own_ids():
     batch["personality_attention_mask"] = batch["attention_mask"]
     out = model(batch)
     assert out.cls_p.shape == (B, 16) and math.isfinite(out.total.item())
+
+
+# ---------------------------------------------------------------------------- the official code's form
+
+OFFICIAL = dict(prefusion_text="tokens", av_gate=False, prefusion_residual=False, aux_lambda=1.0,
+                align_dim=8, fusion_dim=16, symmetric_cl=True, prefusion_av="lstm_token",
+                prefusion_personality=True, prefusion_init="random", prefusion_params="encoder",
+                align_layer=1, align_weight="batch_distance", ps_projection="separate", clip_form="official",
+                ccl_weight=1.0, ps_weight=0.1, clm_weight=0.09, fusion_form="official", interaction_mask=False)
+
+
+def official_model(seed: int = 0, **kw) -> PSAMF:
+    return make_model(seed, **{**OFFICIAL, **kw})
+
+
+def test_official_form_forward_backward_and_shapes():
+    from psamf.models.psamf import LSTMToken, OfficialClip, OfficialFusion
+
+    model = official_model()
+    assert isinstance(model.tok_v, LSTMToken) and isinstance(model.fusion, OfficialFusion)
+    assert isinstance(model.align.clip, OfficialClip) and len(model.clm_clip) == 2
+    assert model.att_v.embed_dim == 8 and model.att_v.num_heads == 2          # at lstm_hidden, not H
+    batch = make_batch()
+    out = model(batch)
+    assert out.pred.shape == (B,) and out.m_s.shape == (B, 32)
+    assert out.fused.shape == (B, S + 2, 32)                                   # every text token + 2 AV tokens
+    assert out.fused_mask[:, S:].all()
+    for name in ("total", "l1", "align", "cl", "ccl", "ps", "clm"):
+        assert torch.isfinite(getattr(out, name)) and getattr(out, name).dim() == 0, name
+    out.total.backward()
+    for name, mod in [("lower layer", model.text.model.encoder.layer[0]), ("pre-fusion layer", model.text.model.encoder.layer[3]),
+                      ("query", model.query), ("conv", model.fusion.conv), ("serial", model.fusion.serial_v),
+                      ("clm clip", model.clm_clip), ("cl clip", model.align.clip), ("W_y projection", model.align.proj_y),
+                      ("AV token", model.tok_a.up), ("LSTM out", model.tok_v.out)]:
+        grads = [p.grad for p in mod.parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
+    assert all(p.grad is None for p in model.personality_encoder.parameters())
+
+
+def test_official_fusion_conv_along_features_and_sub_head():
+    from psamf.models.psamf import OfficialFusion
+
+    torch.manual_seed(0)
+    fusion = OfficialFusion(64, 128, dropout=0.1)
+    assert fusion.serial_ln.normalized_shape == (4160,) and fusion.serial_out.out_features == 128
+    assert fusion.head[1].in_features == 62 + 128                             # the code's SubNet(190)
+    assert [type(m).__name__ for m in fusion.head] == ["Dropout", "Linear", "Tanh", "Linear", "Tanh", "Linear"]
+    v, a, m = torch.randn(3, 5, 64).unbind(0)
+    f_s, f_p = fusion.parts(v, a, m)
+    assert f_s.shape == (5, 128) and f_p.shape == (5, 62)
+    # the conv: the three streams are its 3 input channels, the kernel slides along the features
+    w, bias = fusion.conv.weight[0], fusion.conv.bias[0]                     # [3, 3]
+    stack = torch.stack([v, a, m], dim=1)
+    hand = sum((stack[:, :, j:j + 62] * w[:, j, None]).sum(1) for j in range(3)) + bias
+    torch.testing.assert_close(f_p, hand)
+    assert fusion.eval()(v, a, m).shape == (5,)
+
+
+def test_official_clip_scale_is_not_exponentiated_and_y_is_normalised_before_its_head():
+    from psamf.models.psamf import OfficialClip
+
+    tau = 0.07
+    clip = OfficialClip(2, 2, tau, out_dim=2)
+    with torch.no_grad():
+        clip.proj_x.weight.copy_(torch.eye(2)); clip.proj_x.bias.zero_()
+        clip.proj_y.weight.copy_(3 * torch.eye(2)); clip.proj_y.bias.copy_(torch.tensor([1.0, 0.0]))
+    x = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    y = torch.tensor([[4.0, 0.0], [3.0, 4.0]])
+    # by hand: x' = rows of I; y normalised = (1, 0), (0.6, 0.8); then 3y + (1, 0) = (4, 0), (2.8, 2.4)
+    s = math.log(1 / tau)                                                     # 2.659..., not 1/tau = 14.29
+    logits = s * torch.tensor([[4.0, 2.8], [0.0, 2.4]])
+    t = torch.arange(2)
+    want = 0.5 * (F.cross_entropy(logits, t) + F.cross_entropy(logits.T, t))
+    torch.testing.assert_close(clip(x, y), want)
+    assert abs(clip.scale - 2.6593) < 1e-4
+    exp_scaled = 0.5 * (F.cross_entropy(logits / s / tau, t) + F.cross_entropy(logits.T / s / tau, t))
+    assert not torch.allclose(clip(x, y), exp_scaled)                          # CLIP's exp(ln(1/tau)) differs
+    y_after = F.normalize(y @ (3 * torch.eye(2)).T + torch.tensor([1.0, 0.0]), dim=-1)   # normalising after the head
+    after = 0.5 * (F.cross_entropy(s * torch.eye(2) @ y_after.T, t) + F.cross_entropy((s * torch.eye(2) @ y_after.T).T, t))
+    assert not torch.allclose(clip(x, y), after)
+
+
+def test_batch_distance_weight_is_one_scalar_in_the_graph():
+    torch.manual_seed(0)
+    kw = dict(tau=0.07, clip_form="official", ps_projection="separate", align_weight="batch_distance")
+    align = PersonalitySentimentAlignment(6, 5, 4, **kw)
+    cls_s, cls_p, y = torch.randn(8, 6), torch.randn(8, 5), torch.randn(8)
+    out = align(cls_s, cls_p, y)
+    t_s, t_p = align.proj_s(cls_s), align.proj_p(cls_p)
+    w = (1 - F.cosine_similarity(t_s, t_p, dim=-1).mean()) / 2
+    torch.testing.assert_close(out["ccl"], w * align.clip(t_s, t_p))
+    l1 = F.l1_loss(align.w_y(align.proj_y(cls_s)).squeeze(-1), y)
+    torch.testing.assert_close(out["ps"].mean(), (1 - w) * l1)
+    # not detached: the gradient of L_ccl reaches proj_s through w as well as through L_cl
+    g = torch.autograd.grad(out["ccl"], align.proj_s.weight)[0]
+    g_detached = torch.autograd.grad(w.detach() * align.clip(t_s, t_p), align.proj_s.weight)[0]
+    assert not torch.allclose(g, g_detached)
+    # and W_y reads its own projection, not the contrast's
+    assert torch.autograd.grad(out["ps"].mean(), align.proj_y.weight)[0].abs().sum() > 0
+
+
+def test_loss_composition_with_the_codes_weights():
+    model = official_model()
+    model.eval()
+    out = model(make_batch())
+    want = out.l1 + (out.ccl + 0.1 * out.ps) + 0.09 * out.clm                  # solver.py's sum
+    torch.testing.assert_close(out.total, want)
+    assert min(out.ccl.item(), out.ps.item(), out.clm.item()) > 0              # each weight matters
+    torch.testing.assert_close(out.align, out.ccl + 0.1 * out.ps)
+    # our form composes the same way: total = L1 + aux_lambda (ccl_w L_ccl + ps_w L_ps + clm_w L_clm)
+    ours = make_model(ccl_weight=0.5, ps_weight=2.0, clm_weight=3.0).eval()(make_batch())
+    torch.testing.assert_close(ours.total, ours.l1 + 0.5 * (0.5 * ours.ccl + 2.0 * ours.ps + 3.0 * ours.clm))
+
+
+def test_align_layer_reads_that_hidden_state():
+    bert = tiny_bert().eval()
+    batch = make_batch()
+    ref = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+               output_hidden_states=True).hidden_states
+    split = SplitEncoder(bert, 3)
+    for k in (1, 2, 3, None):
+        kept, h = split.lower_at(batch["input_ids"], batch["attention_mask"], at=k)
+        keep = batch["attention_mask"].bool()
+        torch.testing.assert_close(kept[keep], ref[3 if k is None else k][keep])
+        torch.testing.assert_close(h[keep], ref[3][keep])
+    # the model feeds L_ccl / L_ps from there: another align_layer, another loss, same prediction
+    a, b = official_model(align_layer=1).eval(), official_model(align_layer=2).eval()
+    oa, ob = a(make_batch()), b(make_batch())
+    torch.testing.assert_close(oa.pred, ob.pred)
+    assert not torch.allclose(oa.ccl, ob.ccl)
+
+
+def test_lstm_token_takes_the_personality_cls_before_its_relu():
+    from psamf.models.psamf import LSTMToken
+
+    torch.manual_seed(0)
+    tok = LSTMToken(4, 6)
+    h, p = torch.randn(3, 4), torch.randn(3, 6)
+    torch.testing.assert_close(tok(h, p), torch.relu(tok.up(tok.out(h)) + p)[:, None])
+    torch.testing.assert_close(tok(h), torch.relu(tok.up(tok.out(h)))[:, None])
+    # in the model: the personality encoder reaches the prediction only through pre-fusion
+    batch = make_batch(labels=False)
+    for on in (True, False):
+        model = official_model(prefusion_personality=on).eval()
+        before = model(batch).pred
+        with torch.no_grad():
+            for q in model.personality_encoder.parameters():
+                q.add_(0.5)
+        assert torch.allclose(model(batch).pred, before) is not on, on
+
+
+def test_prefusion_personality_needs_lstm_token():
+    with pytest.raises(ValueError, match="prefusion_personality needs prefusion_av: lstm_token"):
+        official_model(prefusion_av="frames")
+
+
+def test_prefusion_init_random_renews_only_the_upper_layers():
+    fresh = tiny_bert(0)
+    model = official_model()                                                  # its text encoder: tiny_bert(0)
+    for i in range(4):
+        same = all(torch.equal(p, q) for p, q in zip(fresh.encoder.layer[i].parameters(),
+                                                      model.text.model.encoder.layer[i].parameters()))
+        assert same is (i < 2), i
+    kept = make_model(**{**OFFICIAL, "prefusion_init": "pretrained"})
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), kept.text.model.parameters()))
+
+
+def test_prefusion_params_encoder_puts_the_codes_bert_side_modules_in_the_encoder_group():
+    model = official_model()
+    groups = model.param_groups(5e-5, 5e-4)
+    enc, head = ({id(p) for p in g["params"]} for g in groups)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len([p for p in model.parameters() if p.requires_grad])
+    for mod in (model.tok_v.up, model.tok_a.up, model.clm_clip, model.text):
+        assert {id(p) for p in mod.parameters()} <= enc
+    for mod in (model.tok_v.out, model.query, model.fusion, model.align, model.lstm_v):
+        assert {id(p) for p in mod.parameters()} <= head
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_interaction_mask_false_attends_the_zero_padding(mask):
+    model = official_model(interaction_mask=mask).eval()
+    batch = make_batch(labels=False)
+    longer = dict(batch)  # three more masked-out visual steps: more zero-padded LSTM outputs
+    longer["visual"] = torch.cat([batch["visual"], torch.randn(B, 3, DV)], dim=1)
+    longer["visual_mask"] = torch.cat([batch["visual_mask"], torch.zeros(B, 3, dtype=torch.bool)], dim=1)
+    same = torch.allclose(model(batch).pred, model(longer).pred, atol=1e-6)
+    assert same is mask
+
+
+def test_official_optimisation_adam_l2_xavier_and_plateau():
+    from psamf.config import TrainConfig
+    from psamf.psa_mf.train import lr_scheduler, make_optimizer
+
+    model = official_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tc = TrainConfig(optimizer="adam", weight_decay=1e-4, init="xavier_normal", plateau_patience=20,
+                     lr=5e-5, lr_head=5e-4)
+    opt = make_optimizer(model, tc)
+    assert type(opt) is torch.optim.Adam
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(5e-5, 1e-4), (5e-4, 1e-4)]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "fusion.serial_v.weight" in changed and "query.weight" in changed and "lstm_v.lstm.weight_ih_l0" in changed
+    assert not any(n.startswith(("text.", "tok_v.up", "clm_clip")) or n.endswith("bias") for n in changed)
+    sched = lr_scheduler(opt, tc, n_train=10)
+    assert isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert sched.patience == 20 and sched.factor == 0.5
+    with pytest.raises(InputError, match="plateau_patience"):
+        lr_scheduler(opt, dataclasses.replace(tc, lr_schedule="linear"), n_train=10)
+    # our defaults: AdamW at torch's default decay, no scheduler, nothing redrawn
+    default = make_model()
+    snap = [p.detach().clone() for p in default.parameters()]
+    opt = make_optimizer(default, TrainConfig())
+    assert type(opt) is torch.optim.AdamW and all(g["weight_decay"] == 0.01 for g in opt.param_groups)
+    assert all(torch.equal(p, q) for p, q in zip(default.parameters(), snap))
+    assert lr_scheduler(opt, TrainConfig(), n_train=10) is None
+
+
+def test_fit_steps_a_plateau_scheduler_once_per_epoch_on_the_monitored_score():
+    from psamf.training import fit
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    data = {"x": torch.randn(8, 1), "label": torch.randn(8)}
+    scores = iter([1.0, 2.0, 3.0])                                           # never better after epoch 0
+    fit(lin, opt, data, lambda m, b: m(b["x"]).pow(2).mean(), lambda m: {"valid_mae": next(scores)},
+        epochs=3, batch_size=2, patience=10, seed=0, scheduler=sched)
+    assert opt.param_groups[0]["lr"] == 0.25                                  # two bad epochs, 4 steps each

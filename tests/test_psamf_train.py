@@ -349,3 +349,24 @@ def test_missing_inputs_are_one_line_input_errors(env, tmp_path):
                                    "--set", f"data.prepared_dir={tmp_path}/nope"])
     assert res.exit_code == 2
     assert res.output.strip().count("\n") == 0 and "psamf: error:" in res.output and "segments.parquet" in res.output
+
+
+def test_the_official_form_trains_and_reloads_with_it(env, tmp_path):
+    """The paper profile's switches (on the smoke corpus and tiny encoders) through the real loop:
+    Adam + L2 + xavier + plateau + grad clip; the saved model rebuilds in the official form."""
+    from psamf.psa_mf.train import load_model, train_psamf
+
+    root, _, _ = env
+    official = ["psamf.prefusion_av=lstm_token", "psamf.prefusion_personality=true", "psamf.prefusion_init=random",
+                "psamf.prefusion_params=encoder", "psamf.align_layer=1", "psamf.align_weight=batch_distance",
+                "psamf.ps_projection=separate", "psamf.clip_form=official", "psamf.aux_lambda=1",
+                "psamf.ps_weight=0.1", "psamf.clm_weight=0.09", "psamf.fusion_form=official",
+                "psamf.interaction_mask=false", "train.optimizer=adam", "train.weight_decay=1e-4",
+                "train.grad_clip=1.0", "train.init=xavier_normal", "train.plateau_patience=0",
+                "train.epochs=2", "train.patience=10"]
+    report = train_psamf(cfg_for(root, *official), out_dir=tmp_path / "run")
+    assert len(report["history"]) == 2
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["train_clm"]) for h in report["history"])
+    model, _ = load_model(tmp_path / "run")
+    assert model.cfg.fusion_form == "official" and model.cfg.prefusion_av == "lstm_token"
+    assert type(model.fusion).__name__ == "OfficialFusion"

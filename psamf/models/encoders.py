@@ -124,8 +124,39 @@ class SplitEncoder(nn.Module):
         hidden = self.model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         return self._run(hidden, attention_mask, self.model.encoder.layer[: self.split_layer])
 
+    def lower_at(self, input_ids, attention_mask=None, token_type_ids=None, at: int | None = None):
+        """(hidden after `at` layers, hidden after N layers): lower() with one intermediate state
+        kept, i.e. HF's hidden_states[at]. at = None or N gives the same tensor twice."""
+        layers = self.model.encoder.layer
+        if at is None or at == self.split_layer:
+            h = self.lower(input_ids, attention_mask, token_type_ids)
+            return h, h
+        if not 0 <= at <= self.split_layer:
+            raise ValueError(f"align_layer must be in [0, split_layer={self.split_layer}], got {at}")
+        hidden = self.model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        mask = self._mask(hidden, attention_mask)
+        for layer in layers[:at]:
+            hidden = layer(hidden, mask)
+        kept = hidden
+        for layer in layers[at: self.split_layer]:
+            hidden = layer(hidden, mask)
+        return kept, hidden
+
     def upper(self, hidden, attention_mask=None) -> torch.Tensor:
         return self._run(hidden, attention_mask, self.model.encoder.layer[self.split_layer:])
+
+    def reinit_upper(self) -> None:
+        """Fresh weights for layers [N, L), as BERT initialises a layer it has no checkpoint for:
+        Linear ~ normal(0, initializer_range), bias 0; LayerNorm 1, 0."""
+        std = getattr(self.config, "initializer_range", 0.02)
+        for module in self.model.encoder.layer[self.split_layer:].modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         return self.upper(self.lower(input_ids, attention_mask, token_type_ids), attention_mask)

@@ -291,7 +291,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
         return False
 
     fp = config_fingerprint(fingerprint)
-    opt = torch.optim.AdamW(model.param_groups(tc.lr, tc.lr_head), foreach=True)
+    opt = make_optimizer(model, tc)
     scheduler = lr_scheduler(opt, tc, n_train=len(data["train"]["label"]))
     if trial is not None:
         tags = {**tags, "trial": getattr(trial, "number", "")}
@@ -300,6 +300,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
     with tracking.stage_run(cfg, "train", run_name=run_name, tags=tags, system_metrics=trial is None):
         result = fit(model, opt, data["train"], loss_fn, evaluate, epochs=tc.epochs, batch_size=tc.batch_size,
                      patience=tc.patience, seed=tc.seed, ckpt_dir=ckpt, fingerprint=fp, monitor="valid_mae",
+                     grad_clip=tc.grad_clip,
                      on_epoch=tracking.epoch_logger(), desc=run_name, should_stop=should_stop,
                      scheduler=scheduler, store=store)
         progress.close()
@@ -381,6 +382,20 @@ def _save_model(out_dir: Path, model: nn.Module, *, kind: str, cfg: Config, extr
         torch.save(state, tmp)
 
 
+def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """`train.optimizer` over the model's two groups (encoder at lr, the rest at lr_head), both with
+    `train.weight_decay`: adamw decouples it, adam adds it to the gradient (L2, the official code).
+    `train.init: xavier_normal` first redraws every matrix (dim > 1) of the second group, as the
+    official code does for its non-BERT parameters."""
+    groups = model.param_groups(tc.lr, tc.lr_head)
+    if tc.init == "xavier_normal":
+        for p in groups[-1]["params"]:
+            if p.dim() > 1:
+                nn.init.xavier_normal_(p)
+    cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, weight_decay=tc.weight_decay, foreach=True)
+
+
 def _scheduled(tc: TrainConfig) -> bool:
     """Whether the LR changes over the run (a schedule or a warmup), so the run's length matters."""
     return tc.lr_schedule != "constant" or bool(tc.warmup_ratio)
@@ -389,11 +404,18 @@ def _scheduled(tc: TrainConfig) -> bool:
 def lr_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig, n_train: int):
     """transformers' schedule `train.lr_schedule` over the whole run (epochs x batches per epoch),
     warming up for `train.warmup_ratio` of it; None for "constant" without warmup (the old loop).
+    With `train.plateau_patience`: ReduceLROnPlateau on valid MAE instead (fit steps it once per
+    epoch); it does not combine with a schedule or a warmup.
 
     Off by default: at the demo's 3 epochs a decay cost more than it settled (bench/DECISIONS.md).
     """
     from transformers import get_scheduler
 
+    if tc.plateau_patience is not None:
+        if _scheduled(tc):
+            raise InputError("train.plateau_patience", "needs train.lr_schedule: constant and train.warmup_ratio: 0")
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=tc.plateau_patience,
+                                                          factor=tc.plateau_factor)
     if not _scheduled(tc):
         return None
     total = tc.epochs * math.ceil(n_train / tc.batch_size)
