@@ -189,7 +189,7 @@ def _in_range(w: _Where, split: str, key: str, values: np.ndarray, lo: float, hi
     bad = np.flatnonzero(~((values >= lo) & (values <= hi)))  # NaN fails too
     if len(bad):
         i = int(bad[0])
-        raise w.err(split, key, f"label {values[i]!r} of {ids[i]} is outside [{lo:g}, {hi:g}]", i)
+        raise w.err(split, key, f"label {float(values[i])!r} of {ids[i]} is outside [{lo:g}, {hi:g}]", i)
 
 
 def _text(value: Any) -> str | None:
