@@ -24,8 +24,12 @@ from psamf.io import read_text
 PROFILES = ("smoke", "demo", "paper")
 
 # The values a choice key may take. Modules that branch on a key import its tuple from here.
-CORPORA = ("synthetic", "mosi", "mosei")
+CORPORA = ("synthetic", "mosi", "mosei", "sims")
 REAL_CORPORA = ("mosi", "mosei")  # read from an SDK download (data.<corpus>_dir); AV may be simulated
+# data.format: how the corpus is stored. sdk: CMU SDK .csd files (SIMS has none); mmsa: MMSA's
+# aligned_50/unaligned_50 pickle; mult: MulT's mosi_data(_noalign).pkl + MMSA's label.csv.
+DATA_FORMATS = ("sdk", "mmsa", "mult")
+PICKLE_FORMATS = ("mmsa", "mult")
 ABLATIONS = ("none", "no_personality", "no_prefusion", "no_enhanced_fusion", "no_ps", "no_clm")
 SIM_WEIGHTS = ("affine", "raw", "clamp")
 ALIGN_WEIGHTS = ("sim_weight", "batch_distance")
@@ -45,6 +49,7 @@ ADAPTER_POSITIONS = ("end", "start")
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "corpus"): CORPORA,
+    ("data", "format"): DATA_FORMATS,
     ("data", "nonfinite"): ("zero", "error"),
     ("data", "orphan_transcripts"): ("warn", "error"),
     ("user_adapter", "position"): ADAPTER_POSITIONS,
@@ -70,6 +75,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 # means "off" for the `| None` keys). Checks that need the data or the encoder stay where those are.
 RANGES: dict[tuple[str, str], tuple[tuple[str, float | str], ...]] = {
     ("data", "max_csd_mb"): ((">=", 1),),
+    ("data", "max_pickle_mb"): ((">=", 1),),
     ("data", "loo_users"): ((">=", 1),),
     ("data", "selection_users"): ((">=", 1),),
     ("finetune", "support_pool"): ((">", 0), ("<", 1)),
@@ -142,17 +148,21 @@ def _section_name(cls: type) -> str:
 @dataclass
 class DataConfig(_Checked):
     corpus: str = "synthetic"
+    format: str = "sdk"
     raw_dir: str = "data/raw"
     prepared_dir: str = "data/prepared"
     shared_dir: str = "../shared/data"
     mosi_dir: str | None = None
     mosei_dir: str | None = None
+    pickle_dir: str | None = None
+    pickle_file: str | None = None
     seq_len: int = 50
     audio_dim: int = 74
     visual_dim: int = 35
     nonfinite: str = "zero"
     orphan_transcripts: str = "warn"
     max_csd_mb: int = 4096
+    max_pickle_mb: int = 16384
     loo_users: int = 10
     # Speakers that choose the fine-tuning knobs (`psamf loo --select`): the next ones by segment
     # count after the loo_users report speakers, disjoint from them.
@@ -180,6 +190,12 @@ class DataConfig(_Checked):
         if self.corpus in REAL_CORPORA:
             return self.mosi_path if self.corpus == "mosi" else self.mosei_path
         return self.raw_path
+
+    @property
+    def pickle_path(self) -> Path:
+        """The directory of an MMSA/MulT pickle (data.format mmsa | mult): data.pickle_dir, else
+        <shared_dir>/<corpus>-<format>."""
+        return Path(self.pickle_dir) if self.pickle_dir else self.shared_path / f"{self.corpus}-{self.format}"
 
     @property
     def raw_path(self) -> Path:

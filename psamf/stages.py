@@ -141,7 +141,7 @@ def fetch_stage(profile: str, overrides: Sequence[str], params_yaml: str, finger
     del fingerprint  # a cache key only: this task talks to no tracking server
     cfg = stage_config(profile, overrides, params_yaml)
     report = materialize(cfg, data_source, raw, expect_version=data_version)
-    if cfg.data.corpus in REAL_CORPORA:
+    if cfg.data.corpus in REAL_CORPORA and cfg.data.format == "sdk":
         from psamf.data.ingest import corpus_sources
         from psamf.errors import InputError
 

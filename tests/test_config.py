@@ -54,7 +54,9 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.corpus=imdb", "data.corpus must be one of synthetic, mosi, mosei, got 'imdb'"),
+    ("data.corpus=imdb", "data.corpus must be one of synthetic, mosi, mosei, sims, got 'imdb'"),
+    ("data.format=csv", "data.format must be one of sdk, mmsa, mult, got 'csv'"),
+    ("data.max_pickle_mb=0", "data.max_pickle_mb must be >= 1, got 0"),
     ("data.nonfinite=drop", "data.nonfinite must be one of zero, error, got 'drop'"),
     ("data.max_csd_mb=0", "data.max_csd_mb must be >= 1, got 0"),
     ("data.loo_users=0", "data.loo_users must be >= 1, got 0"),

@@ -17,7 +17,7 @@ from psamf.errors import InputError
 ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml path (default: ./params.yaml or $PSAMF_PARAMS)")]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="smoke | demo | paper")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any key: section.key=value")]
-CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="synthetic | mosi | mosei (same as --set data.corpus=...)")]
+CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="synthetic | mosi | mosei | sims (same as --set data.corpus=...)")]
 
 
 def config_from(params: Path | None, profile: str | None, sets: list[str] | None,

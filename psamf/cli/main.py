@@ -79,6 +79,21 @@ def data_ingest(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetO
     echo_json(ingest(cfg))
 
 
+@data_app.command("export")
+@one_line_errors
+def data_export(out: Annotated[Path, typer.Argument(help="the pickle to write, e.g. psamf_mosi.pkl")],
+                format_: Annotated[str, typer.Option("--format", help="mmsa (MMSA's MMDataLoader layout)")] = "mmsa",
+                params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
+                corpus: CorpusOpt = None) -> None:
+    """Write the prepared corpus as an MMSA pickle, so MMSA's models train on psamf's data and splits."""
+    from psamf.data.pickles import export_mmsa
+
+    if format_ != "mmsa":
+        raise InputError("--format", f"unknown export format {format_!r} (mmsa)")
+    cfg = config_from(params, profile, set_, corpus)
+    echo_json(export_mmsa(cfg, out))
+
+
 @data_app.command("validate")
 @one_line_errors
 def data_validate(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,

@@ -13,8 +13,8 @@ the YouTube id (the speaker's video) is the part before the first dot. Real size
 **Safe loading.** The pickles are protocol 2, written by Python 2. The annotation files
 reference exactly two globals, `numpy.core.multiarray.scalar` and `numpy.dtype` (the
 `interview` values are numpy float64 scalars, the rest plain floats); the transcriptions
-reference none. `restricted_load` unpickles with `encoding='latin1'` through an
-unpickler that admits those two globals and nothing else; any other global, and any
+reference none. `restricted_load` unpickles with `encoding='latin1'` through psamf's one
+restricted unpickler (psamf.data.safe_pickle) with an allow-list of those two globals and nothing else; any other global, and any
 truncated, corrupt or wrongly shaped file, becomes one `InputError` naming the file.
 (`scalar` is further limited to plain numeric dtypes: numpy would otherwise hand back an
 arbitrary object for dtype('O').)
@@ -56,6 +56,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from psamf.data.safe_pickle import _SCALAR, FI_GLOBALS
+from psamf.data.safe_pickle import restricted_load as _safe_load
 from psamf.errors import InputError
 from psamf.io import atomic_dir
 
@@ -120,77 +122,9 @@ def find_real_corpus(shared_dir: str | Path) -> Path | None:
 
 # --------------------------------------------------------------------------- safe unpickling
 
-def _numpy_scalar():
-    try:  # numpy >= 2
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    return scalar
-
-
-_SCALAR = _numpy_scalar()
-
-# (module, name) as written in the pickle -> the object it may resolve to. Nothing else.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "scalar"): _SCALAR,
-    ("numpy", "dtype"): np.dtype,
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits exactly `numpy.core.multiarray.scalar` and `numpy.dtype`; refuses all else."""
-
-    def __init__(self, file: Any, path: Path):
-        super().__init__(file, encoding="latin1")
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = _ALLOWED_GLOBALS.get((module, name))
-        if obj is None:
-            raise InputError(self._path, f"pickle references forbidden global {module}.{name}")
-        if obj is _SCALAR:
-            return self._plain_scalar
-        return obj
-
-    def _plain_scalar(self, dtype: Any, *args: Any) -> Any:
-        # Defence in depth: numpy's scalar() also builds object / structured scalars from raw
-        # bytes; FI only ever needs plain numbers (float64), so nothing else gets through.
-        if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or dtype.fields is not None \
-                or dtype.subdtype is not None or dtype.hasobject:
-            raise InputError(self._path, f"pickle builds a numpy scalar of non-numeric dtype {dtype!r}")
-        return _SCALAR(dtype, *args)
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise InputError(self._path, "pickle uses a persistent id, which is not allowed")
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def restricted_load(path: str | Path) -> Any:
     """Unpickle `path` safely (see the module docstring); any problem -> one InputError."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(path, f"unreadable ({_one_line(e)})") from None
-    if not data:
-        raise InputError(path, "empty file, not a pickle")
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
-    except InputError:
-        raise
-    except RecursionError:
-        raise InputError(path, "corrupt pickle (nesting too deep)") from None
-    except Exception as e:  # noqa: BLE001 - every unpickling failure is bad input
-        kind = "truncated pickle" if isinstance(e, EOFError) or "truncated" in str(e) else \
-            "corrupt or truncated pickle"
-        raise InputError(path, f"{kind} ({_one_line(e)})") from None
-    return obj
+    return _safe_load(path, FI_GLOBALS)
 
 
 # --------------------------------------------------------------------------- loading

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from psamf.config import CORPORA, REAL_CORPORA, Config
+from psamf.config import CORPORA, PICKLE_FORMATS, REAL_CORPORA, Config
 from psamf.data.align import frames_in, pool_or_pad
 from psamf.data.csd import ComputationalSequence, read_csd
 from psamf.data.layout import (LABEL_COLUMNS, SIMULATED_KEY, csd_name, find_csd, read_folds, read_transcripts,
@@ -56,6 +56,9 @@ def corpus_sources(cfg: Config) -> CorpusSources:
         return CorpusSources(*(d / csd_name(corpus, r) for r in ("labels", "audio", "visual")),
                              d / "transcripts.csv", d / "standard_folds.json")
     if corpus not in REAL_CORPORA:
+        if corpus in CORPORA:
+            raise InputError("data.corpus", f"{corpus} has no SDK download: read it from MMSA's or MulT's pickle "
+                                            f"(data.format: {' | '.join(PICKLE_FORMATS)})")
         raise InputError("data.corpus", f"unknown corpus {corpus!r} ({' | '.join(CORPORA)})")
     sdk, sim = cfg.data.sdk_path, cfg.data.raw_path
     labels = find_csd(sdk, corpus, "labels")
@@ -192,6 +195,7 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
     av_simulated = any(bool(streams[m].metadata.get(SIMULATED_KEY)) for m in MODALITIES)
     manifest = {
         "corpus": cfg.data.corpus,
+        "format": "sdk",
         "av_simulated": av_simulated,
         "seq_len": T,
         "dims": {"audio": cfg.data.audio_dim, "visual": cfg.data.visual_dim},
@@ -212,12 +216,14 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
 
 
 def ingest(cfg: Config) -> dict[str, Any]:
-    """Build and atomically write <prepared_dir>/<corpus>/; returns a JSON-able report."""
+    """Build and atomically write <prepared_dir>/<corpus>/; returns a JSON-able report.
+    data.format mmsa | mult reads MMSA's / MulT's pickle instead (psamf.data.pickles)."""
     from psamf import tracking
+    from psamf.data.pickles import build_from_pickle
 
-    src = corpus_sources(cfg)
+    src = corpus_sources(cfg) if cfg.data.format not in PICKLE_FORMATS else None
     with tracking.stage_run(cfg, "ingest"):
-        ds, manifest = build_prepared(cfg, src)
+        ds, manifest = build_prepared(cfg, src) if src is not None else build_from_pickle(cfg)
         out = save_prepared(ds, cfg.data.prepared_path)
         tracking.set_tags({"av_simulated": manifest["av_simulated"]})
         tracking.log_metrics({"n_labelled": manifest["n_labelled"], "n_prepared": manifest["n_prepared"],
@@ -227,13 +233,14 @@ def ingest(cfg: Config) -> dict[str, Any]:
         tracking.log_artifact(out / "manifest.json", "ingest")
     for e in manifest["excluded"]:
         log.warning("excluded %s: %s", e["segment_id"], e["reason"])
+    text_src = src.transcripts if src is not None else manifest["sources"].get("label_csv", {}).get("path")
     for seg in manifest["orphan_transcripts"]:
-        log.warning("%s: row for segment %s, which has no label (ignored)", src.transcripts, seg)
+        log.warning("%s: row for segment %s, which has no label (ignored)", text_src, seg)
     for key, what in (("unfolded_videos", "has labels but is in no fold (ignored)"),
                       ("unlabelled_fold_videos", "is in a fold but has no labels (ignored)")):
         for vid in manifest[key]:
-            log.warning("%s: video %s %s", src.folds, vid, what)
-    return {k: manifest[k] for k in ("corpus", "av_simulated", "n_labelled", "labelled_splits", "n_prepared", "splits",
+            log.warning("%s: video %s %s", src.folds if src is not None else "folds", vid, what)
+    return {k: manifest[k] for k in ("corpus", "format", "av_simulated", "n_labelled", "labelled_splits", "n_prepared", "splits",
                                       "excluded", "orphan_transcripts", "unfolded_videos", "unlabelled_fold_videos",
-                                      "nonfinite")} | {"videos": len(manifest["video_end"]),
+                                      "nonfinite", "dims")} | {"videos": len(manifest["video_end"]),
                                                                    "out": str(out)}

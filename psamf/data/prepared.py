@@ -2,10 +2,10 @@
 
 On disk, `<prepared_dir>/<corpus>/`:
     segments.parquet  one row per segment, columns SEGMENT_COLUMNS (+ EMOTION_COLUMNS for MOSEI,
-                      kept for analysis, read by no model)
+                      UNIMODAL_COLUMNS for SIMS; kept for analysis, read by no model)
     arrays.npz        audio [N,T,Da], visual [N,T,Dv] float32; *_len [N] true frame counts
                       before pooling/padding; *_mask [N,T] bool (True = a real step)
-    manifest.json     corpus, av_simulated, seq_len, dims, counts, excluded segments,
+    manifest.json     corpus, format (sdk | mmsa | mult; absent = sdk), av_simulated, seq_len, dims, counts, excluded segments,
                       non-finite policy and counts, source file hashes
 
 Row i of the table is row i of every array.
@@ -26,6 +26,8 @@ from psamf.io import atomic_dir
 
 SEGMENT_COLUMNS = ["segment_id", "video_id", "speaker_id", "split", "label", "text", "start", "end"]
 EMOTION_COLUMNS = [f"emo_{e}" for e in LABEL_COLUMNS["mosei"][1:]]
+UNIMODAL_COLUMNS = ["label_T", "label_A", "label_V"]  # SIMS's unimodal labels (pickle formats); read by no model
+EXTRA_COLUMNS = EMOTION_COLUMNS + UNIMODAL_COLUMNS
 MODALITIES = ("audio", "visual")
 SPLITS = ("train", "valid", "test")
 
@@ -70,7 +72,7 @@ def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> Path:
     """Write atomically: the directory appears complete or not at all."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        extra = [c for c in EMOTION_COLUMNS if c in ds.segments.columns]
+        extra = [c for c in EXTRA_COLUMNS if c in ds.segments.columns]
         ds.segments[SEGMENT_COLUMNS + extra].to_parquet(tmp / "segments.parquet", index=False)
         np.savez(tmp / "arrays.npz", **ds.arrays)
         (tmp / "manifest.json").write_text(json.dumps(ds.manifest, indent=2, sort_keys=True) + "\n")

@@ -26,6 +26,10 @@ BATCH = 64
 
 
 def word_vectors_path(cfg: Config) -> Path | None:
+    """The SDK's word vectors for an SDK-format corpus; None otherwise (a pickle corpus has no
+    segment times to cut them with)."""
+    if cfg.data.format != "sdk" or cfg.data.corpus not in PREFIX:
+        return None
     name = f"{PREFIX[cfg.data.corpus]}_TimestampedWordVectors.csd"
     path = cfg.data.sdk_path / name
     return path if path.is_file() else None

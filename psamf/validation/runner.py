@@ -28,7 +28,7 @@ from psamf.config import Config
 from psamf.data.prepared import MODALITIES, SPLITS, PreparedDataset, load_prepared
 from psamf.io import atomic_dir, write_json
 from psamf.validation import tables as T
-from psamf.validation.suites import INDEX_COLUMNS, LABEL_RANGE, TABLES, Check, build_checks
+from psamf.validation.suites import INDEX_COLUMNS, LABEL_RANGE, TABLES, Check, build_checks, expected_dims
 
 SITE = "psamf"
 MAX_EXAMPLES = 5
@@ -81,7 +81,7 @@ def validate_dataset(ds: PreparedDataset, cfg: Config, out_dir: str | Path, *,
         "loo_users": T.loo_users_table(ds, cfg.data.loo_users),
     }
     gx = _import_gx()
-    checks = build_checks(cfg)
+    checks = build_checks(cfg, ds.manifest)
     docs_dir = out_dir / "data_docs"
     av = (ds.manifest or {}).get("av_simulated")
     about = f"corpus={cfg.data.corpus} av_simulated={'unknown' if av is None else str(bool(av)).lower()}"
@@ -313,8 +313,8 @@ def _summary(ds: PreparedDataset, cfg: Config, frames: dict[str, pd.DataFrame], 
         "thresholds": {
             "label_range": list(LABEL_RANGE),
             "video_end_tolerance_s": T.VIDEO_END_TOLERANCE_S,
-            "audio_dim": cfg.data.audio_dim,
-            "visual_dim": cfg.data.visual_dim,
+            "audio_dim": expected_dims(cfg, manifest)["audio"],
+            "visual_dim": expected_dims(cfg, manifest)["visual"],
             "seq_len": cfg.data.seq_len,
             "loo_users": cfg.data.loo_users,
             "min_user_segments": cfg.data.min_user_segments,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from psamf.config import Config
+from psamf.config import PICKLE_FORMATS, Config
 from psamf.data.prepared import EMOTION_COLUMNS, MODALITIES, SEGMENT_COLUMNS, SPLITS
 from psamf.validation.tables import VIDEO_END_TOLERANCE_S
 
@@ -32,11 +32,23 @@ class Check:
     context: list[str] = field(default_factory=list)  # columns quoted for offending rows
 
 
-def build_checks(cfg: Config) -> list[Check]:
+def expected_dims(cfg: Config, manifest: dict[str, Any] | None) -> dict[str, int]:
+    """data.audio_dim / visual_dim; for a pickle corpus (data.format mmsa | mult) the file's own
+    dims, which ingest recorded in the manifest, replace them."""
+    d = cfg.data
+    dims = {"audio": d.audio_dim, "visual": d.visual_dim}
+    got = (manifest or {}).get("dims")
+    if d.format in PICKLE_FORMATS and isinstance(got, dict):
+        dims.update({m: got[m] for m in dims if isinstance(got.get(m), int)})
+    return dims
+
+
+def build_checks(cfg: Config, manifest: dict[str, Any] | None = None) -> list[Check]:
     import great_expectations as gx  # noqa: PLC0415 - caller sets GX env first
 
     E = gx.expectations
     d = cfg.data
+    pickled = d.format in PICKLE_FORMATS  # ids <video>_<clip number>; a video may span splits (SIMS)
     checks: list[Check] = []
 
     def add(table: str, description: str, exp_cls: Any, context: list[str] | None = None, **kw: Any) -> None:
@@ -57,8 +69,12 @@ def build_checks(cfg: Config) -> list[Check]:
         add("segments", f"{col} is never null", E.ExpectColumnValuesToNotBeNull, [col], column=col)
     # ---- segments: ids --------------------------------------------------------------------
     add("segments", "segment ids are unique", E.ExpectColumnValuesToBeUnique, ["row"], column="segment_id")
-    add("segments", "segment ids look like <video_id>_<n> with n >= 1", E.ExpectColumnValuesToMatchRegex,
-        [], column="segment_id", regex=r"^.+_[1-9][0-9]*$")
+    if pickled:
+        add("segments", "segment ids look like <video_id>_<clip number>", E.ExpectColumnValuesToMatchRegex,
+            [], column="segment_id", regex=r"^.+_[0-9]+$")
+    else:
+        add("segments", "segment ids look like <video_id>_<n> with n >= 1", E.ExpectColumnValuesToMatchRegex,
+            [], column="segment_id", regex=r"^.+_[1-9][0-9]*$")
     add("segments", "segment id is exactly <this row's video_id>_<n>", E.ExpectColumnValuesToBeInSet,
         ["video_id", "id_video"], column="id_matches_video", value_set=[True])
     # ---- segments: labels and text ----------------------------------------------------------
@@ -67,7 +83,7 @@ def build_checks(cfg: Config) -> list[Check]:
     add("segments", "text is not empty", E.ExpectColumnValueLengthsToBeBetween, ["text"], column="text", min_value=1)
     add("segments", "text is not only whitespace", E.ExpectColumnValuesToMatchRegex,
         ["text"], column="text", regex=r"\S")
-    if d.corpus == "mosei":
+    if d.corpus == "mosei" and not pickled:  # MMSA/MulT pickles carry sentiment only
         _emotion_checks(add, E)
     # ---- segments: intervals inside the video -----------------------------------------------
     add("segments", "start >= 0", E.ExpectColumnValuesToBeBetween, ["start"], column="start", min_value=0)
@@ -80,16 +96,17 @@ def build_checks(cfg: Config) -> list[Check]:
     # ---- segments: splits -------------------------------------------------------------------
     add("segments", f"split is one of {', '.join(SPLITS)}", E.ExpectColumnValuesToBeInSet,
         ["split"], column="split", value_set=list(SPLITS))
-    add("segments", "split equals the video's fold in manifest['folds']", E.ExpectColumnValuesToBeInSet,
+    add("segments", "split is one of the video's splits in manifest['folds']" if pickled else
+        "split equals the video's fold in manifest['folds']", E.ExpectColumnValuesToBeInSet,
         ["video_id", "split", "fold_split"], column="split_matches_fold", value_set=[True])
 
     # ---- arrays: one row per segment ----------------------------------------------------------
-    dims = {"audio": d.audio_dim, "visual": d.visual_dim}
+    dims = expected_dims(cfg, manifest)
     for m in MODALITIES:
         add("arrays", f"{m} is present for every segment (array, {m}_len, {m}_mask, >= 1 real step)",
             E.ExpectColumnValuesToBeInSet, [f"{m}_problem", f"{m}_len", f"{m}_real_steps"],
             column=f"{m}_present", value_set=[True])
-        add("arrays", f"{m} feature dim equals data.{m}_dim = {dims[m]}", E.ExpectColumnValuesToBeInSet,
+        add("arrays", f"{m} feature dim equals {'the file' if pickled else f'data.{m}_dim'} = {dims[m]}", E.ExpectColumnValuesToBeInSet,
             [f"{m}_dim"], column=f"{m}_dim", value_set=[dims[m]])
         add("arrays", f"{m} has data.seq_len = {d.seq_len} steps", E.ExpectColumnValuesToBeInSet,
             [f"{m}_steps"], column=f"{m}_steps", value_set=[d.seq_len])

@@ -44,6 +44,10 @@ from psamf.data.prepared import MODALITIES, SEGMENT_COLUMNS, PreparedDataset
 
 VIDEO_END_TOLERANCE_S = 0.5  # a transcript interval may end a little after the last feature frame
 SEGMENT_ID_RE = re.compile(r"^(?P<video>.+)_(?P<n>[1-9][0-9]*)$")
+# MMSA/MulT pickles (manifest format mmsa | mult): <video>_<clip number>, which may be 0 or zero-padded
+# (SIMS: video_0001_0001); a video may span splits (SIMS), so a row's split must be one of its video's.
+PICKLE_SEGMENT_ID_RE = re.compile(r"^(?P<video>.+)_(?P<n>[0-9]+)$")
+PICKLE_FORMATS = ("mmsa", "mult")
 STRING_COLUMNS = ("segment_id", "video_id", "speaker_id", "split", "text")
 
 
@@ -56,8 +60,11 @@ def segments_table(ds: PreparedDataset) -> pd.DataFrame:
             seg[col] = seg[col].astype(object)
     seg.insert(0, "row", np.arange(len(seg), dtype=np.int64))
 
+    manifest = ds.manifest or {}
+    pickled = manifest.get("format") in PICKLE_FORMATS
+    id_re = PICKLE_SEGMENT_ID_RE if pickled else SEGMENT_ID_RE
     if "segment_id" in seg.columns:
-        parts = [SEGMENT_ID_RE.match(s) if isinstance(s, str) else None for s in seg["segment_id"]]
+        parts = [id_re.match(s) if isinstance(s, str) else None for s in seg["segment_id"]]
         seg["id_video"] = [m.group("video") if m else None for m in parts]
         seg["id_index"] = pd.array([int(m.group("n")) if m else None for m in parts], dtype="Int64")
         if "video_id" in seg.columns:
@@ -66,7 +73,6 @@ def segments_table(ds: PreparedDataset) -> pd.DataFrame:
                 for m, v in zip(parts, seg["video_id"])
             ]
 
-    manifest = ds.manifest or {}
     if "video_id" in seg.columns:
         fold_of: dict[str, list[str]] = {}
         folds = manifest.get("folds")
@@ -80,7 +86,8 @@ def segments_table(ds: PreparedDataset) -> pd.DataFrame:
         ]
         if "split" in seg.columns:
             seg["split_matches_fold"] = [
-                isinstance(s, str) and s == f for s, f in zip(seg["split"], seg["fold_split"])
+                isinstance(s, str) and (s == f or (pickled and isinstance(f, str) and s in f.split("+")))
+                for s, f in zip(seg["split"], seg["fold_split"])
             ]
         ends = manifest.get("video_end")
         ends = ends if isinstance(ends, dict) else {}
