@@ -11,3 +11,15 @@ class InputError(Exception):
         self.where = str(where)
         self.what = what
         super().__init__(f"{self.where}: {what}")
+
+
+class StageFailed(Exception):
+    """A stage ran and failed on its own terms (its data failed validation, its training run
+    diverged): not bad input, but as plain to report. The CLI prints one line and exits
+    `exit_code` (1; bad input is 2)."""
+
+    exit_code = 1
+
+
+class ValidationFailed(StageFailed, RuntimeError):
+    """The data failed its expectations (psamf.validation); the message names each failure."""

@@ -187,7 +187,9 @@ def validate_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
     shutil.copyfile(result.data_docs_index, docs_html)  # GX's index page: the run's overview
     log_metrics(metrics, {"validation_success": float(result.success), "failures": len(result.failures)})
     if not result.success:
-        raise RuntimeError("validation failed: " + "; ".join(result.failures[:5]))
+        from psamf.errors import ValidationFailed
+
+        raise ValidationFailed("validation failed: " + "; ".join(result.failures[:5]))
 
 
 # ---------------------------------------------------------------------------- Personalized MulT
