@@ -23,3 +23,12 @@ class StageFailed(Exception):
 
 class ValidationFailed(StageFailed, RuntimeError):
     """The data failed its expectations (psamf.validation); the message names each failure."""
+
+
+class TaskFailed(StageFailed):
+    """A pipeline task failed (kfp.local): its name and its own one-line error, with the exit code
+    the stage command would have given (2 bad input, 1 failed validation or a diverged run)."""
+
+    def __init__(self, task: str, message: str, exit_code: int = 1):
+        self.task, self.message, self.exit_code = task, message, exit_code
+        super().__init__(f"pipeline task {task} failed: {message}")
