@@ -513,7 +513,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def _fail(self, what: str, mark=None) -> InputError:
         line = f" (line {mark.line + 1})" if mark is not None else ""
-        return InputError(self.source, f"{_dotted(self.path) or '(top level)'}{line}: {what}")
+        return InputError(self.source, f"{_cut(_dotted(self.path), 80) or '(top level)'}{line}: {what}")
 
     def compose_node(self, parent, index):
         step = (_cut(index.value, 40) if isinstance(index, yaml.ScalarNode)
