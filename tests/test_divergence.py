@@ -13,12 +13,11 @@ import torch
 from corpora import smoke_corpus
 from torch import nn
 
-from psamf.metrics import DivergedError, NonFiniteError
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_fit_names_the_stage_epoch_and_suspects_and_drops_its_checkpoints(tmp_path):
+    from psamf.metrics import DivergedError, NonFiniteError
     from psamf.training import fit
 
     model = nn.Linear(2, 1)
