@@ -72,40 +72,115 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 # (op, bound) pairs per key; a str bound names another key of the same section. null passes (it
-# means "off" for the `| None` keys). Checks that need the data or the encoder stay where those are.
+# means "off" for the `| None` keys); a list's rules hold for each of its items. Every int or float
+# key of the tree has an entry (test_config walks the dataclasses), and every float, listed or
+# not, must be finite. Checks that need the data or the encoder stay where those are.
+_POS = ((">=", 1),)  # lengths, sizes, epochs, counts
+_RATE = ((">", 0),)  # learning rates, temperatures
+_FRAC = ((">=", 0), ("<=", 1))  # probabilities, fractions, dropouts
+_SEED = ((">=", 0),)
+_NONNEG = ((">=", 0),)
 RANGES: dict[tuple[str, str], tuple[tuple[str, float | str], ...]] = {
-    ("data", "max_csd_mb"): ((">=", 1),),
+    ("data", "seq_len"): _POS,
+    ("data", "audio_dim"): _POS,
+    ("data", "visual_dim"): _POS,
+    ("data", "max_csd_mb"): _POS,
+    ("data", "loo_users"): _POS,
+    ("data", "min_user_segments"): _POS,
+    ("data", "seed"): _SEED,
+    ("synth", "n_speakers"): _POS,
+    ("synth", "segments_min"): _POS,
+    ("synth", "segments_max"): ((">=", "segments_min"),),
+    ("synth", "audio_hz"): _POS,
+    ("synth", "visual_hz"): _POS,
+    ("synth", "split"): _FRAC,
+    ("synth", "personality_clips"): _POS,
+    ("synth", "seed"): _SEED,
+    ("simulate", "audio_hz"): _POS,
+    ("simulate", "visual_hz"): _POS,
+    ("simulate", "signal"): _NONNEG,
+    ("simulate", "seed"): _SEED,
+    ("personality", "max_len"): ((">=", 2),),  # [CLS] + [SEP]
+    ("personality", "epochs"): _POS,
+    ("personality", "batch_size"): _POS,
+    ("personality", "lr"): _RATE,
+    ("personality", "lr_head"): _RATE,
+    ("personality", "split_seed"): _SEED,
+    ("personality", "max_train_clips"): _POS,
+    ("mult", "d_model"): ((">=", 1), ("a multiple of", "n_heads")),
+    ("mult", "n_heads"): _POS,
+    ("mult", "n_layers"): _POS,
+    ("mult", "kernel_l"): _POS,
+    ("mult", "kernel_a"): _POS,
+    ("mult", "kernel_v"): _POS,
+    ("mult", "attn_dropout"): _FRAC,
+    ("mult", "attn_dropout_a"): _FRAC,
+    ("mult", "attn_dropout_v"): _FRAC,
+    ("mult", "relu_dropout"): _FRAC,
+    ("mult", "res_dropout"): _FRAC,
+    ("mult", "embed_dropout"): _FRAC,
+    ("mult", "out_dropout"): _FRAC,
+    ("user_adapter", "hidden"): _POS,
+    ("user_adapter", "prompt_len"): _POS,
+    ("pretrain", "epochs"): _POS,
+    ("pretrain", "batch_size"): _POS,
+    ("pretrain", "lr"): _RATE,
+    ("pretrain", "patience"): _POS,
+    ("pretrain", "valid_frac"): ((">", 0), ("<", 1)),  # both sides need segments
+    ("pretrain", "grad_clip"): _NONNEG,  # 0 = no clipping
+    ("pretrain", "seed"): _SEED,
+    ("finetune", "k_shot"): _POS,
+    ("finetune", "draws"): _POS,
+    ("finetune", "epochs"): _POS,
+    ("finetune", "lr_base"): _RATE,
+    ("finetune", "lr_adapter"): _RATE,
+    ("finetune", "kd_lambda"): _FRAC,  # (1 - λ) · L_KD + λ · L1
+    ("finetune", "seed"): _SEED,
+    ("psamf", "split_layer"): _POS,  # and < the encoder's depth: models/encoders.py, once it is loaded
+    ("psamf", "tau"): _RATE,
+    ("psamf", "aux_lambda"): _NONNEG,  # a loss weight
+    ("psamf", "lstm_hidden"): _POS,
+    ("psamf", "attn_heads"): _POS,
+    ("psamf", "dropout"): _FRAC,
+    ("psamf", "max_len"): ((">=", 2),),
+    ("psamf", "align_dim"): _POS,
+    ("psamf", "fusion_dim"): _POS,
+    ("train", "epochs"): _POS,
+    ("train", "batch_size"): _POS,
+    ("train", "lr"): _RATE,
+    ("train", "lr_head"): _RATE,
+    ("train", "warmup_ratio"): ((">=", 0), ("<", 1)),
+    ("train", "patience"): _POS,
+    ("train", "seed"): _SEED,
+    ("tune", "n_trials"): _POS,
+    ("tune", "workers"): _POS,
     ("data", "max_pickle_mb"): ((">=", 1),),
-    ("data", "loo_users"): ((">=", 1),),
     ("data", "selection_users"): ((">=", 1),),
     ("finetune", "support_pool"): ((">", 0), ("<", 1)),
-    ("personality", "max_train_clips"): ((">=", 1),),
-    ("mult", "n_heads"): ((">=", 1),),
-    ("mult", "d_model"): (("a multiple of", "n_heads"),),
-    ("user_adapter", "prompt_len"): ((">=", 1),),
     ("user_adapter", "unknown_p"): ((">=", 0), ("<", 1)),
-    ("psamf", "tau"): ((">", 0),),
-    ("psamf", "max_len"): ((">=", 2),),
-    ("psamf", "split_layer"): ((">=", 1),),  # and < the encoder's depth: models/encoders.py, once it is loaded
     ("psamf", "align_layer"): ((">=", 1), ("<=", "split_layer")),
     ("psamf", "ccl_weight"): ((">=", 0),),
     ("psamf", "ps_weight"): ((">=", 0),),
     ("psamf", "clm_weight"): ((">=", 0),),
-    ("train", "warmup_ratio"): ((">=", 0), ("<", 1)),
     ("train", "weight_decay"): ((">=", 0),),
     ("train", "grad_clip"): ((">", 0),),
     ("train", "plateau_patience"): ((">=", 0),),  # null: no ReduceLROnPlateau
     ("train", "plateau_factor"): ((">", 0), ("<", 1)),
-    ("tune", "n_trials"): ((">=", 1),),
-    ("tune", "epochs"): ((">=", 1),),
     ("tune", "tau_min"): ((">", 0), ("<=", "tau_max")),
-    ("tune", "lambda_min"): (("<=", "lambda_max"),),
+    ("tune", "tau_max"): _RATE,
+    ("tune", "lambda_min"): ((">=", 0), ("<=", "lambda_max")),
+    ("tune", "lambda_max"): _NONNEG,
+    ("tune", "epochs"): _POS,
+    ("tune", "seed"): _SEED,
+    ("tune", "n_startup_trials"): _NONNEG,
+    ("tune", "pruner_startup_trials"): _NONNEG,
+    ("tune", "pruner_warmup_steps"): _NONNEG,
     ("tune", "epoch_budget"): ((">=", "epochs"),),
-    ("tune", "heartbeat_interval"): ((">=", 1),),
-    ("tune", "grace_period"): ((">=", 1),),
-    ("tune", "max_retry"): ((">=", 0),),
-    ("registry", "mae_margin"): ((">=", 0),),  # a negative margin would promote a worse model
-    ("registry", "acc2_margin"): ((">=", 0),),
+    ("tune", "heartbeat_interval"): _POS,
+    ("tune", "grace_period"): _POS,
+    ("tune", "max_retry"): _NONNEG,
+    ("registry", "mae_margin"): _NONNEG,  # a negative margin would promote a worse model
+    ("registry", "acc2_margin"): ((">=", 0), ("<=", 1)),
 }
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
@@ -115,26 +190,41 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 
 
 class _Checked:
-    """A config section checks CHOICES and RANGES when it is built: by load_config, by
-    dataclasses.replace, or from a saved model's config. So code that holds one need not recheck."""
+    """A config section checks CHOICES, RANGES and finiteness when it is built: by load_config, by
+    dataclasses.replace, or from a saved model's config. So code that holds one need not recheck.
+    An error names the key (`InputError.key`), so load_config can name the file it came from."""
 
     def __post_init__(self) -> None:
         section = _section_name(type(self))
         for (sec, key), allowed in CHOICES.items():
             if sec == section and getattr(self, key) not in allowed:
-                raise InputError("params", f"{sec}.{key} must be one of {', '.join(allowed)}, "
-                                           f"got {getattr(self, key)!r}")
-        for (sec, key), rules in RANGES.items():
-            value = getattr(self, key) if sec == section else None
-            if value is None:
+                raise _key_error(f"{sec}.{key}", f"must be one of {', '.join(allowed)}, got {_short(getattr(self, key))}")
+        for f in dataclasses.fields(self):  # every float, ranged or not: NaN and inf compare false to anything
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise _key_error(f"{section}.{f.name}", f"must be a finite number, got {v}")
+        ranged = [(key, op, bound) for (sec, key), rules in RANGES.items() if sec == section for op, bound in rules]
+        # each key's own bounds first, then those between keys (so a 0 is reported as itself)
+        for key, op, bound in sorted(ranged, key=lambda r: isinstance(r[2], str)):
+            value = getattr(self, key)
+            limit = getattr(self, bound) if isinstance(bound, str) else bound
+            if value is None or limit is None:
                 continue
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InputError("params", f"{sec}.{key} must be a finite number, got {value}")
-            for op, bound in rules:
-                limit = getattr(self, bound) if isinstance(bound, str) else bound
-                if limit is not None and not _OPS[op](value, limit):
-                    shown = f"{sec}.{bound} ({limit})" if isinstance(bound, str) else str(bound)
-                    raise InputError("params", f"{sec}.{key} must be {op} {shown}, got {value}")
+            for v in value if isinstance(value, list) else [value]:
+                if not _OPS[op](v, limit):
+                    shown = f"{section}.{bound} ({limit})" if isinstance(bound, str) else str(bound)
+                    e = _key_error(f"{section}.{key}", f"must be {op} {shown}, got {v}")
+                    if isinstance(bound, str):
+                        e.keys = (f"{section}.{key}", f"{section}.{bound}")  # type: ignore[attr-defined]
+                    raise e
+
+
+def _key_error(key: str, what: str, where: str = "params") -> InputError:
+    """An InputError about one dotted config key; load_config swaps `where` for the key's source."""
+    e = InputError(where, f"{key} {what}")
+    e.key = key  # type: ignore[attr-defined]
+    return e
 
 
 def _section_name(cls: type) -> str:
@@ -487,15 +577,114 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+# A config file is untrusted input (teams pass them around, generate and download them): loading
+# is bounded in bytes, nodes, depth and scalar length, refuses aliases and keys given twice, and
+# each refusal names the file and the key, at once.
+MAX_CONFIG_BYTES = 256 * 1024  # params.yaml is ~10 KB
+MAX_YAML_NODES = 20_000  # params.yaml has ~700
+MAX_YAML_DEPTH = 32
+MAX_SCALAR_CHARS = 4096  # the longest real value is a path or a database URL
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that composes nodes under caps and with the dotted key of each in hand.
+
+    Aliases are refused (an alias of an alias of ... is the "billion laughs" bomb, and a config
+    never needs one); so are keys given twice in a mapping (YAML would keep the last silently)."""
+
+    def __init__(self, stream: str, source: str, prefix: str = ""):
+        super().__init__(stream)
+        self.source, self.path, self.nodes = source, [prefix] if prefix else [], 0
+
+    def _fail(self, what: str, mark=None) -> InputError:
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        return InputError(self.source, f"{_cut(_dotted(self.path), 80) or '(top level)'}{line}: {what}")
+
+    def compose_node(self, parent, index):
+        step = (_cut(index.value, 40) if isinstance(index, yaml.ScalarNode)
+                else f"[{index}]" if isinstance(index, int) else None)
+        if step is not None:
+            self.path.append(step)
+        try:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise self._fail(f"YAML alias *{_cut(event.anchor, 40)} refused: a config file may not use "
+                                 "anchors and aliases", event.start_mark)
+            self.nodes += 1
+            if self.nodes > MAX_YAML_NODES:
+                raise self._fail(f"more than {MAX_YAML_NODES} YAML nodes: over the cap for a config file",
+                                 self.peek_event().start_mark)
+            if len(self.path) > MAX_YAML_DEPTH:
+                raise self._fail(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+            node = super().compose_node(parent, index)
+            if isinstance(node, yaml.ScalarNode) and len(node.value) > MAX_SCALAR_CHARS:
+                raise self._fail(f"a value of {len(node.value)} characters: over the {MAX_SCALAR_CHARS}-character "
+                                 "cap", node.start_mark)
+            if isinstance(node, yaml.MappingNode):
+                self._no_duplicate_keys(node)
+        finally:
+            if step is not None:
+                self.path.pop()
+        return node
+
+    def _no_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        seen: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                raise self._fail("a mapping key must be a plain value", key.start_mark)
+            if len(key.value) > MAX_SCALAR_CHARS:
+                raise self._fail(f"a key of {len(key.value)} characters: over the {MAX_SCALAR_CHARS}-character cap",
+                                 key.start_mark)
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in seen:
+                dotted = _dotted([*self.path, key.value])
+                raise InputError(self.source, f"key {_cut(dotted, 80)} appears twice "
+                                              f"(lines {seen[key.tag, key.value]} and {line})")
+            seen[key.tag, key.value] = line
+
+
+def _dotted(path: list[str]) -> str:
+    return "".join(p if p.startswith("[") or i == 0 else f".{p}" for i, p in enumerate(path))
+
+
+def parse_yaml(text: str, source: str | Path, prefix: str = "") -> Any:
+    """YAML text from a config source (a params file, a --set value, a best_params.json value),
+    bounded and checked as _BoundedLoader says; an InputError naming `source` and the key."""
+    loader = _BoundedLoader(text, str(source), prefix)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise InputError(source, f"{prefix + ': ' if prefix else ''}not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:  # the depth cap stops composition; a deep flow collection can still hit the scanner
+        raise InputError(source, f"nested deeper than {MAX_YAML_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
+class Override(str):
+    """A `section.key=value` override that remembers its source (a file's name; default --set),
+    so a value that fails a check is reported against the file it came from."""
+
+    source: str = "--set"
+
+    def __new__(cls, text: str, source: str | Path = "--set") -> "Override":
+        obj = super().__new__(cls, text)
+        obj.source = str(source)
+        return obj
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value parsed as YAML)."""
+    source = getattr(item, "source", "--set")
     if "=" not in item:
-        raise InputError("--set", f"override {item!r} is not KEY=VALUE")
+        raise InputError(source, f"override {_short(item)} is not KEY=VALUE")
     key, raw = item.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise InputError("--set", f"override {item!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else None
+        raise InputError(source, f"override {_short(item)} has an empty key")
+    if len(key) > 200:
+        raise InputError(source, f"override key {_short(key)} is not a config key")
+    return path, parse_yaml(raw, source, ".".join(path)) if raw.strip() else None
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -504,14 +693,16 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise InputError("params", f"unknown key(s) {', '.join(f'{where}{k}' for k in sorted(unknown))}")
+        e = InputError("params", f"unknown key(s) {', '.join(f'{where}{k}' for k in sorted(unknown))}")
+        e.key = f"{where}{sorted(unknown)[0]}"  # type: ignore[attr-defined]
+        raise e
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         hint = hints[name]
         key = f"{where}{name}"
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise InputError("params", f"{key} must be a mapping")
+                raise _key_error(key, "must be a mapping")
             kwargs[name] = _build(hint, value, key + ".")
         else:
             kwargs[name] = _coerce(value, hint, key)
@@ -528,12 +719,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         origin = typing.get_origin(hint)
     if origin is list:
         if not isinstance(value, list):
-            raise InputError("params", f"{key} must be a list, got {value!r}")
+            raise _key_error(key, f"must be a list, got {_short(value)}")
         return [_coerce(v, typing.get_args(hint)[0], key) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise InputError("params", f"{key} must be true/false, got {value!r}")
+        raise _key_error(key, f"must be true/false, got {_short(value)}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -546,7 +737,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is str and isinstance(value, str):
         return value
-    raise InputError("params", f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise _key_error(key, f"must be {getattr(hint, '__name__', hint)}, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value as an error message shows it: repr, cut to one short line."""
+    return _cut(repr(value), limit)
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """A string cut to one short line for an error message (a hostile file's key can be long)."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def loo_rank_slots(cfg: Config | None = None) -> list[int]:
@@ -564,13 +766,15 @@ def load_config(
     profile: str | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """Load params.yaml, merge the chosen profile, apply `section.key=value` overrides."""
+    """Load params.yaml, merge the chosen profile, apply `section.key=value` overrides.
+
+    The one way in for every config source: the params file (or KFP's params_yaml, written to
+    one), --set, best_params.json (as Overrides naming it). Each is parsed by parse_yaml, and a
+    value that fails a check is reported against the source it came from."""
     path = Path(params) if params else default_params_path()
     if path.exists():
-        try:
-            raw = yaml.safe_load(read_text(path)) or {}
-        except yaml.YAMLError as e:
-            raise InputError(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = parse_yaml(read_text(path, max_bytes=MAX_CONFIG_BYTES), path)
+        raw = {} if raw is None else raw
     elif params:
         raise InputError(path, "params file not found")
     else:
@@ -578,23 +782,49 @@ def load_config(
     if not isinstance(raw, dict):
         raise InputError(path, "top level must be a mapping")
     profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) or v is None for v in profiles.values()):
+        raise InputError(path, "profiles must be a mapping of profile name -> mapping")
+    # dotted key -> (when it was set, its source): a failed check names the file the value came from
+    origin = dict.fromkeys(flatten(raw), (0, str(path)))
     overrides = list(overrides or [])
-    parsed = [parse_override(o) for o in overrides]
-    for p, v in parsed:  # `--set profile=smoke` is the same as `--profile smoke`
+    parsed = [(parse_override(o), getattr(o, "source", "--set")) for o in overrides]
+    for (p, v), _ in parsed:  # `--set profile=smoke` is the same as `--profile smoke`
         if p == ["profile"]:
             profile = v
     name = profile or raw.get("profile") or "demo"
-    if name not in PROFILES:
-        raise InputError(path, f"unknown profile {name!r} (choose from {', '.join(PROFILES)})")
-    merged = deep_merge(raw, profiles.get(name) or {})
+    if not isinstance(name, str) or name not in PROFILES:
+        raise InputError(path, f"unknown profile {_short(name)} (choose from {', '.join(PROFILES)})")
+    own = profiles.get(name) or {}
+    origin.update(dict.fromkeys(flatten(own), (1, f"{path} (profiles.{name})")))
+    merged = deep_merge(raw, own)
     merged["profile"] = name
-    for p, v in parsed:
+    for i, ((p, v), source) in enumerate(parsed, start=2):
         if p == ["profile"]:
             continue
         node = merged
         for part in p[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise InputError("--set", f"{'.'.join(p)}: {part} is not a section")
+                raise InputError(source, f"{'.'.join(p)}: {part} is not a section")
         node[p[-1]] = v
-    return _build(Config, merged, "")
+        key = ".".join(p)
+        for k in [k for k in origin if k.startswith(key + ".")]:
+            del origin[k]
+        origin[key] = (i, source)
+    try:
+        return _build(Config, merged, "")
+    except InputError as e:
+        if getattr(e, "key", None) is None or e.where != "params":
+            raise
+        err = InputError(_source_of(origin, getattr(e, "keys", (e.key,))), e.what)
+        err.key = e.key  # type: ignore[attr-defined]
+        raise err from None
+
+
+def _source_of(origin: dict[str, tuple[int, str]], keys: tuple[str, ...]) -> str:
+    """Where the value of the last-set of `keys` came from ("params" for a dataclass default)."""
+    found = []
+    for key in keys:
+        parts = key.split(".")
+        found += [origin[k] for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if k in origin][:1]
+    return max(found)[1] if found else "params"

@@ -69,15 +69,23 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def read_text(path: str | Path, missing: str = "file not found") -> str:
+def read_text(path: str | Path, missing: str = "file not found", max_bytes: int | None = None) -> str:
     """A text file strictly as UTF-8 (a BOM is dropped); an InputError naming the file and the
-    first bad byte's offset and line, instead of a UnicodeDecodeError traceback."""
+    first bad byte's offset and line, instead of a UnicodeDecodeError traceback. With `max_bytes`,
+    a bigger file is refused before it is read (a config file is small; a huge one is an attack
+    or a mistake, and parsing it could take minutes)."""
     from psamf.errors import InputError
 
     p = Path(path)
     if not p.is_file():
         raise InputError(p, missing)
-    data = p.read_bytes()
+    if max_bytes is not None:
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise InputError(p, f"{p.stat().st_size} bytes: over the {max_bytes}-byte cap for this file")
+    else:
+        data = p.read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -94,13 +102,16 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def read_json(path: str | Path, missing: str = "file not found") -> Any:
-    """The parsed JSON file; an InputError naming it when it is absent (`missing`), not UTF-8,
-    not JSON, or has a key twice in one object (JSON would silently keep the last)."""
+def read_json(path: str | Path, missing: str = "file not found", max_bytes: int | None = None) -> Any:
+    """The parsed JSON file; an InputError naming it when it is absent (`missing`), over
+    `max_bytes`, not UTF-8, not JSON, nested too deep to parse, or has a key twice in one object
+    (JSON would silently keep the last)."""
     from psamf.errors import InputError
 
     p = Path(path)
     try:
-        return json.loads(read_text(p, missing), object_pairs_hook=_no_duplicate_keys)
+        return json.loads(read_text(p, missing, max_bytes), object_pairs_hook=_no_duplicate_keys)
     except ValueError as e:
         raise InputError(p, f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(p, "not valid JSON (nested too deep)") from None

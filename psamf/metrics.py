@@ -25,9 +25,12 @@ F1 numbers.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error
+
+from psamf.errors import StageFailed
 
 CONVENTIONS: dict[str, str] = {
     "mae": "mean |p - t| over all samples",
@@ -47,6 +50,25 @@ METRIC_KEYS = tuple(CONVENTIONS)
 
 class NonFiniteError(ValueError):
     """A model produced NaN/inf predictions (a diverged run): a result, not a bug to crash on."""
+
+
+class DivergedError(NonFiniteError, StageFailed):
+    """A training run went non-finite outside a tune trial (a trial catches NonFiniteError and
+    fails alone): one line naming the stage, when, and the settings most likely at fault, which
+    the CLI prints before it exits 1."""
+
+    def __init__(self, stage: str, when: str, reason: str, suspects: dict[str, Any]):
+        self.stage, self.when, self.reason, self.suspects = stage, when, reason, dict(suspects)
+        at_fault = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in suspects.items())
+        super().__init__(f"{stage}: the run diverged {when} ({reason})"
+                         + (f"; settings most likely at fault: {at_fault}" if at_fault else ""))
+
+
+def check_finite_preds(x, name: str = "preds") -> None:
+    """Raise NonFiniteError when predictions hold NaN/inf (any shape): the run diverged."""
+    a = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+        raise NonFiniteError(f"{name}: {int(np.sum(~np.isfinite(a)))} of {a.size} predictions are non-finite")
 
 
 def _as_1d(x, name: str) -> np.ndarray:

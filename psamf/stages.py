@@ -16,6 +16,7 @@ and `cache/`, the text features computed once so every LOO task reuses them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -33,6 +34,55 @@ class MetricsSink(Protocol):
 
 
 LOOP_THREADS_ENV = "PSAMF_LOOP_THREADS"
+# A dir where a failing task leaves {task, exit_code, message}: `psamf pipeline run` (kfp.local) sets
+# it, so the run ends with the failing task's own one-line error, not kfp.local's traceback.
+TASK_ERRORS_ENV = "PSAMF_TASK_ERRORS"
+
+
+def task(name: str):
+    """Mark a stage function as the body of the pipeline task `name` (its name in the DAG). When it
+    raises, the task's one-line error (as the stage command would print it) goes to its log and,
+    under kfp.local, to $PSAMF_TASK_ERRORS; the exception still fails the task."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                record_task_error(name, e)
+                raise
+
+        run.task_name = name  # type: ignore[attr-defined]
+        return run
+
+    return wrap
+
+
+def record_task_error(name: str, e: BaseException) -> dict[str, Any]:
+    import sys
+    import time
+
+    from psamf.errors import InputError, StageFailed
+    from psamf.redact import redact
+
+    if isinstance(e, (InputError, StageFailed)):
+        code, what = (2 if isinstance(e, InputError) else e.exit_code), str(e)
+    else:  # a bug or an outage, not the user's input: its type says more than its text alone
+        code, what = 1, f"{type(e).__name__}: {e}"
+    lines = what.strip().splitlines() or [type(e).__name__]
+    what = redact(lines[0] if len(lines[0]) <= 1000 else lines[0][:1000] + "...")
+    rec = {"task": name, "exit_code": code, "message": what}
+    print(f"psamf: error: {what}", file=sys.stderr, flush=True)
+    where = os.environ.get(TASK_ERRORS_ENV)
+    if where:
+        from psamf.io import write_json
+
+        try:
+            write_json(Path(where) / f"{time.time_ns()}-{os.getpid()}.json", rec)
+        except OSError:  # the report is a courtesy; the task's own failure is what matters
+            pass
+    return rec
 
 
 def params_file(params_yaml: str) -> Path | None:
@@ -119,6 +169,7 @@ def run_fingerprint(profile: str, overrides: Sequence[str], params_yaml: str,
     return cfg, data_version, pipeline_fingerprint(cfg.profile, overrides, data_version, params_text=text), text
 
 
+@task("fingerprint")
 def fingerprint_stage(profile: str, overrides: Sequence[str], params_yaml: str, data_source: str,
                       name: str = "kfp") -> dict[str, str]:
     """The run's data version (from the source, no download) and fingerprint; opens the parent
@@ -132,6 +183,7 @@ def fingerprint_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
     return {"data_version": data_version, "fingerprint": fp, "code_version": code_version()}
 
 
+@task("fetch-data")
 def fetch_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, data_source: str,
                 data_version: str, raw: str) -> dict[str, Any]:
     """Materialize the corpus into the `raw` artifact (simulating MOSI's/MOSEI's AV when it has none)."""
@@ -160,6 +212,7 @@ def fetch_stage(profile: str, overrides: Sequence[str], params_yaml: str, finger
     return report
 
 
+@task("ingest")
 def ingest_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, raw: str,
                  dataset: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
     """Ingest the fetched corpus, then precompute the text features once for every later task."""
@@ -175,6 +228,7 @@ def ingest_stage(profile: str, overrides: Sequence[str], params_yaml: str, finge
     return report
 
 
+@task("validate")
 def validate_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    docs_html: str, metrics: MetricsSink | None = None) -> None:
     """Run the GX suites; a failure raises, which fails the task and stops the run."""
@@ -187,11 +241,14 @@ def validate_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
     shutil.copyfile(result.data_docs_index, docs_html)  # GX's index page: the run's overview
     log_metrics(metrics, {"validation_success": float(result.success), "failures": len(result.failures)})
     if not result.success:
-        raise RuntimeError("validation failed: " + "; ".join(result.failures[:5]))
+        from psamf.errors import ValidationFailed
+
+        raise ValidationFailed("validation failed: " + "; ".join(result.failures[:5]))
 
 
 # ---------------------------------------------------------------------------- Personalized MulT
 
+@task("personality")
 def personality_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, raw: str,
                       model: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
     from psamf.psa_mf.personality import train_personality
@@ -203,6 +260,7 @@ def personality_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
     return report
 
 
+@task("pretrain")
 def pretrain_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    rank: int, model: str) -> dict[str, Any] | None:
     from psamf.mult.pretrain import pretrain
@@ -218,6 +276,7 @@ def pretrain_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
     return pretrain(cfg, user)
 
 
+@task("finetune")
 def finetune_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    rank: int, pretrained: str, report: str) -> dict[str, Any] | None:
     """Writes the user's finetune report JSON to `report` (the skipped-slot marker for a skipped slot)."""
@@ -234,6 +293,7 @@ def finetune_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
     return finetune(cfg, user, report_path=report)
 
 
+@task("loo-report")
 def loo_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                      reports: Sequence[str], out_dir: str, markdown: str,
                      metrics: MetricsSink | None = None, page: str | None = None) -> dict[str, Any]:
@@ -263,6 +323,7 @@ def _tune_config(profile: str, overrides: Sequence[str], params_yaml: str, finge
     return cfg
 
 
+@task("tune-study")
 def tune_study_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                      personality: str) -> str:
     """Create the study once, before any worker task starts (concurrent creation races)."""
@@ -274,6 +335,7 @@ def tune_study_stage(profile: str, overrides: Sequence[str], params_yaml: str, f
     return cfg.tune.study_name
 
 
+@task("tune-worker")
 def tune_worker_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                       personality: str, rank: int, out_dir: str) -> dict[str, Any]:
     """One worker of the study (a ParallelFor iteration, one GPU each on a cluster)."""
@@ -284,6 +346,7 @@ def tune_worker_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
     return tune(cfg, workers=1, join=True, worker_index=rank)
 
 
+@task("tune-report")
 def tune_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                       personality: str, best_params: str, metrics: MetricsSink | None = None,
                       plots: str | None = None) -> dict[str, Any]:
@@ -299,6 +362,7 @@ def tune_report_stage(profile: str, overrides: Sequence[str], params_yaml: str, 
     return result
 
 
+@task("train")
 def train_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                 personality: str, best_params: str, model: str,
                 metrics: MetricsSink | None = None) -> dict[str, Any]:
@@ -313,6 +377,7 @@ def train_stage(profile: str, overrides: Sequence[str], params_yaml: str, finger
     return result
 
 
+@task("register")
 def register_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                    personality: str, model: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
     """The registry gate: register the trained model, compare with @champion, set the alias."""
@@ -326,6 +391,7 @@ def register_stage(profile: str, overrides: Sequence[str], params_yaml: str, fin
     return result
 
 
+@task("report")
 def report_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                  loo_tables: str, model: str, page: str, out_dir: str,
                  metrics: MetricsSink | None = None) -> dict[str, Any]:

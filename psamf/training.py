@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from psamf.errors import InputError
 from psamf.io import atomic_path
+from psamf.metrics import DivergedError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def fit(
     should_stop: Callable[[int, dict[str, float]], bool] | None = None,
     scheduler: Any | None = None,
     store: Any | None = None,
+    suspects: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train with early stopping on `evaluate()[monitor]` (lower is better).
 
@@ -134,6 +136,11 @@ def fit(
     optimizer step, except ReduceLROnPlateau, which steps once per epoch on `evaluate()[monitor]`;
     its state is checkpointed with the optimizer's. `store` (a
     psamf.checkpoints.CheckpointStore) mirrors every checkpoint to a place that outlives the task.
+
+    A run whose training loss or predictions go non-finite raises DivergedError naming `desc`, the
+    epoch and `suspects` (the settings most likely at fault: learning rates, loss weights), after
+    removing its checkpoints: resuming a diverged run would only diverge again, and nothing of it
+    is left behind.
     """
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     if ckpt and store is not None:
@@ -176,8 +183,16 @@ def fit(
             total += float(loss.detach()) * n
             count += n
         model.eval()
-        with torch.no_grad():
-            metrics = {"train_loss": total / max(count, 1), **evaluate(model)}
+        when = f"at epoch {epoch + 1} of {epochs}"
+        if not math.isfinite(total):
+            _drop_checkpoints(ckpt, store)
+            raise DivergedError(desc, when, f"the training loss is {total / max(count, 1)}", suspects or {})
+        try:
+            with torch.no_grad():
+                metrics = {"train_loss": total / max(count, 1), **evaluate(model)}
+        except NonFiniteError as e:
+            _drop_checkpoints(ckpt, store)
+            raise DivergedError(desc, when, str(e), suspects or {}) from None
         history.append({"epoch": epoch, **metrics})
         score = metrics[monitor]
         if per_epoch:
@@ -205,6 +220,17 @@ def fit(
     model.load_state_dict(best_state)
     return FitResult(best_epoch=best_epoch, best_score=best, history=history, stopped_early=stopped,
                      resumed_from=resumed_from)
+
+
+def _drop_checkpoints(ckpt: Path | None, store: Any | None) -> None:
+    """A diverged run's checkpoints: fit's own files, the dir if that leaves it empty, the mirror."""
+    if ckpt is not None:
+        for name in ("last.pt", "best.pt"):
+            (ckpt / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            ckpt.rmdir()  # only when empty: a caller's ckpt_dir may hold its own outputs
+    if store is not None:
+        store.discard()
 
 
 # Token columns of a text batch; the personality encoder's copy carries this prefix.

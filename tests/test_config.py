@@ -89,7 +89,7 @@ def test_bad_overrides_name_the_key(override, message):
 def test_bad_values_fail_at_load_naming_the_key(override, message):
     with pytest.raises(InputError) as e:
         load_config("params.yaml", "smoke", [override])
-    assert str(e.value) == f"params: {message}"
+    assert str(e.value) == f"--set: {message}"  # the source of the value that failed
 
 
 def test_null_turns_an_optional_checked_key_off():
@@ -117,7 +117,7 @@ def test_checks_name_real_keys_and_hold_for_any_way_a_section_is_built():
 def test_a_bad_value_is_one_line_and_exit_2_on_the_cli():
     run = subprocess.run([sys.executable, "-m", "psamf.cli.main", "config", "--set", "psamf.tau=-1"],
                          capture_output=True, text=True)
-    assert run.returncode == 2 and run.stderr == "psamf: error: params: psamf.tau must be > 0, got -1.0\n"
+    assert run.returncode == 2 and run.stderr == "psamf: error: --set: psamf.tau must be > 0, got -1.0\n"
 
 
 def test_unknown_profile_and_bad_yaml(tmp_path):
@@ -235,7 +235,7 @@ def test_cli_shows_the_paper_profiles_official_keys():
 def test_the_official_form_keys_are_checked(override, message):
     with pytest.raises(InputError) as e:
         load_config("params.yaml", "smoke", [override])
-    assert str(e.value) == f"params: {message}"
+    assert str(e.value) == f"--set: {message}"
 
 
 def test_a_model_saved_before_the_official_keys_keeps_our_form():
@@ -250,3 +250,176 @@ def test_a_model_saved_before_the_official_keys_keeps_our_form():
     old = saved_psamf_config(saved)
     assert {k: getattr(old, k) for k in new_keys} == {k: getattr(PsamfConfig(), k) for k in new_keys}
     assert old == PsamfConfig()
+
+
+# ---------------------------------------------------------------------------- every numeric key is checked
+
+def _numeric_keys():
+    """(section, key, base type, is a list) for every int/float key (bools are not numbers) of every
+    section dataclass, walked from Config: a key added later is in here without anyone listing it."""
+    import dataclasses
+    import types
+    import typing
+
+    for sec in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config).get(sec.name)
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, hint in typing.get_type_hints(cls).items():
+            is_list = False
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            if typing.get_origin(hint) is list:
+                hint, is_list = typing.get_args(hint)[0], True
+            if hint in (int, float):
+                yield sec.name, name, hint, is_list
+
+
+def test_every_numeric_key_has_a_declared_range():
+    from psamf.config import RANGES
+
+    keys = list(_numeric_keys())
+    assert len(keys) > 80 and ("data", "seq_len", int, False) in keys and ("synth", "split", float, True) in keys
+    missing = [f"{s}.{k}" for s, k, _, _ in keys if (s, k) not in RANGES]
+    assert not missing, f"numeric config keys with no range in config.RANGES: {', '.join(missing)}"
+
+
+def _violation(op: str, bound: float, kind: type):
+    return {">=": bound - 1, ">": bound, "<": bound, "<=": bound + (1 if kind is int else 0.5)}[op]
+
+
+@pytest.mark.parametrize("section, key, kind, is_list", list(_numeric_keys()),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_each_numeric_key_refuses_out_of_range_and_non_finite_values(section, key, kind, is_list):
+    from psamf.config import RANGES
+
+    wrap = (lambda v: f"[{v}]") if is_list else str
+    for op, bound in RANGES[section, key]:
+        if isinstance(bound, str) or op == "a multiple of":
+            continue
+        bad = _violation(op, bound, kind)
+        with pytest.raises(InputError, match=rf"^--set: {section}\.{key} must be {op} {bound}, got "):
+            load_config("params.yaml", "smoke", [f"{section}.{key}={wrap(bad)}"])
+    if kind is float:
+        for bad in (".nan", ".inf", "-.inf"):
+            with pytest.raises(InputError, match=rf"^--set: {section}\.{key} must be a finite number, got "):
+                load_config("params.yaml", "smoke", [f"{section}.{key}={wrap(bad)}"])
+    with pytest.raises(InputError, match=rf"{section}\.{key} must be"):  # a bool is not a number
+        load_config("params.yaml", "smoke", [f"{section}.{key}={wrap('true')}"])
+
+
+def test_a_zero_sequence_length_in_a_params_file_names_the_file_and_key(tmp_path):
+    params = tmp_path / "team.yaml"
+    params.write_text("data:\n  corpus: synthetic\n  seq_len: 0\n")
+    with pytest.raises(InputError) as e:
+        load_config(params, "smoke")
+    assert str(e.value) == f"{params}: data.seq_len must be >= 1, got 0"
+    prof = tmp_path / "prof.yaml"
+    prof.write_text("profiles:\n  smoke:\n    train:\n      lr: .nan\n")
+    with pytest.raises(InputError) as e:
+        load_config(prof, "smoke")
+    assert str(e.value) == f"{prof} (profiles.smoke): train.lr must be a finite number, got nan"
+
+
+# ---------------------------------------------------------------------------- loading is bounded
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def _refused(path, *needles, overrides=()):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(InputError) as e:
+        load_config(path, "smoke", list(overrides))
+    took = time.perf_counter() - t0
+    assert took < 1.0, took
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name, text, needles", [
+    ("laughs", BOMB, ["b[0] (line 2): YAML alias *a refused"]),
+    ("merge", "base: &b {seq_len: 3}\ndata:\n  <<: *b\n", ["data.<< (line 3): YAML alias *b refused"]),
+    ("long", "data:\n  raw_dir: " + "x" * 200_000 + "\n", ["data.raw_dir (line 2): a value of 200000 characters"]),
+    ("wide", "data:\n  junk: [" + ", ".join(["1"] * 25_000) + "]\n", ["data.junk", "more than 20000 YAML nodes"]),
+    ("deep", "data: " + "[" * 5000 + "]" * 5000 + "\n", ["nested deeper than 32 levels"]),
+    ("big", "# padding\n" * 30_000 + "profile: smoke\n", ["bytes: over the 262144-byte cap"]),
+    ("twice", "profile: smoke\ndata:\n  seq_len: 10\n  corpus: synthetic\n  seq_len: 20\n",
+     ["key data.seq_len appears twice (lines 3 and 5)"]),
+    ("twice_flow", "train: {lr: 0.1, lr: 0.2}\n", ["key train.lr appears twice (lines 1 and 1)"]),
+    ("twice_profile", "profiles:\n  smoke:\n    mult:\n      n_heads: 2\n\n      n_heads: 4\n",
+     ["key profiles.smoke.mult.n_heads appears twice (lines 4 and 6)"]),
+    ("twice_top", "data: {}\nprofile: demo\ndata: {}\n", ["key data appears twice (lines 1 and 3)"]),
+])
+def test_hostile_params_files_are_refused_at_once_by_file_and_key(name, text, needles, tmp_path):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    msg = _refused(path, *needles)
+    assert msg.startswith(f"{path}: "), msg
+
+
+def test_set_values_and_the_kfp_params_text_go_through_the_same_bounded_loader(tmp_path, monkeypatch):
+    from psamf.stages import stage_config
+
+    _refused(REPO / "params.yaml", "--set: data.raw_dir (line 1): a value of 100000 characters",
+             overrides=["data.raw_dir=" + "x" * 100_000])
+    _refused(REPO / "params.yaml", "--set: data.raw_dir[1] (line 1): YAML alias *a refused",
+             overrides=["data.raw_dir=[&a [1], *a]"])
+    _refused(REPO / "params.yaml", "--set: key data.raw_dir.a appears twice", overrides=["data.raw_dir={a: 1, a: 2}"])
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # params_file writes the pipeline's text here
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with pytest.raises(InputError, match=r"key data.seq_len appears twice \(lines 2 and 3\)"):
+        stage_config("smoke", [], "data:\n  seq_len: 10\n  seq_len: 20\n")
+    with pytest.raises(InputError, match="YAML alias"):
+        stage_config("smoke", [], BOMB)
+    with pytest.raises(InputError, match=r"--set: data.seq_len must be >= 1, got 0"):
+        stage_config("smoke", ["data.seq_len=0"], "")
+
+
+def test_a_bomb_is_one_line_and_exit_2_on_the_cli(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    run = subprocess.run([sys.executable, "-m", "psamf.cli.main", "config", "--params", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr == f"psamf: error: {path}: b[0] (line 2): YAML alias *a refused: " \
+                                                 "a config file may not use anchors and aliases\n", run.stderr
+
+
+# ---------------------------------------------------------------------------- best_params.json
+
+@pytest.mark.parametrize("text, message", [
+    ('{"psamf.aux_lambda": NaN}', "psamf.aux_lambda must be a finite number, got nan"),
+    ('{"psamf.tau": Infinity}', "psamf.tau must be a finite number, got inf"),
+    ('{"psamf.tau": -0.5}', "psamf.tau must be > 0, got -0.5"),
+    ('{"psamf.split_layer": 0}', "psamf.split_layer must be >= 1, got 0"),
+    ('{"psamf.aux_lambda": true}', "psamf.aux_lambda must be float, got True"),
+    ('{"psamf.tau": 0.1, "psamf.tau": 0.2}', "not valid JSON (key 'psamf.tau' appears twice)"),
+    ('{"psamf.encoder": "' + "x" * 10_000 + '"}', "psamf.encoder (line 1): a value of 10000 characters"),
+    ('{"psamf.tau": 0.1, "pad": "' + " " * 300_000 + '"}', "bytes: over the 262144-byte cap"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON (nested too deep)"),
+])
+def test_best_params_values_are_checked_like_every_config_value(text, message, tmp_path):
+    from psamf.psa_mf.tune import best_params_overrides
+
+    path = tmp_path / "best_params.json"
+    path.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_config("params.yaml", "smoke", ["train.epochs=1", *best_params_overrides(path)])
+    assert str(e.value) == f"{path}: {message}" or (str(e.value).startswith(f"{path}: ") and message in str(e.value)), \
+        str(e.value)[:300]
+
+
+def test_a_nan_in_best_params_is_one_line_and_exit_2_before_training(tmp_path):
+    path = tmp_path / "best_params.json"
+    path.write_text('{"psamf.tau": 0.1, "psamf.aux_lambda": NaN}')
+    run = subprocess.run([sys.executable, "-m", "psamf.cli.main", "train", "--profile", "smoke", "--best-params",
+                          str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin", "PSAMF_TRACKING": "off", "PYTHONPATH": str(REPO),
+                              "PSAMF_PARAMS": str(REPO / "params.yaml")})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr == f"psamf: error: {path}: psamf.aux_lambda must be a finite number, got nan\n"

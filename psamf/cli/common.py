@@ -12,7 +12,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from psamf.config import Config, load_config
-from psamf.errors import InputError
+from psamf.errors import InputError, StageFailed
 
 ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml path (default: ./params.yaml or $PSAMF_PARAMS)")]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="smoke | demo | paper")]
@@ -33,17 +33,19 @@ def config_from(params: Path | None, profile: str | None, sets: list[str] | None
 
 
 def one_line_errors(fn: Callable) -> Callable:
-    """Turn InputError into the one-line message + exit 2 contract."""
+    """The one-line contract: `psamf: error: <what>` on stderr, then exit 2 for bad input
+    (InputError), or the StageFailed's exit code (1) for a stage that failed on its own terms:
+    failed validation, a diverged training run, a failed pipeline task."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except InputError as e:
+        except (InputError, StageFailed) as e:
             from psamf.redact import redact
 
             typer.echo(f"psamf: error: {redact(str(e))}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(2 if isinstance(e, InputError) else e.exit_code) from None
 
     return wrapper
 

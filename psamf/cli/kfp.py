@@ -101,8 +101,10 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
 
     from kfp import local
 
-    from psamf.stages import LOOP_THREADS_ENV
+    import shutil
+
     from psamf.resources import cpu_count
+    from psamf.stages import LOOP_THREADS_ENV, TASK_ERRORS_ENV
 
     args = pipeline_arguments(profile, overrides, params, data_source, run_name=run_name)
     if not force:
@@ -121,31 +123,84 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
     # kfp.local runs up to LOCAL_LOOP_WORKERS ParallelFor iterations at once: share the cores.
     os.environ.setdefault(LOOP_THREADS_ENV, str(max(1, cpu_count() // LOCAL_LOOP_WORKERS)))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    # A failing task leaves its one-line error here (psamf.stages.task); the run ends with it.
+    errors = root / "task-errors"
+    shutil.rmtree(errors, ignore_errors=True)
+    errors.mkdir()
+    before = os.environ.get(TASK_ERRORS_ENV)
+    os.environ[TASK_ERRORS_ENV] = str(errors)  # kfp.local's task processes inherit it
     t0 = time.perf_counter()
-    if verbose:
-        _pipeline()(**args)
-    else:
-        import contextlib
-        import sys
-        import warnings
-
-        # kfp.local warns per task that resource settings do nothing locally and that the component
-        # image is not used: both true, and known (this venv is the image's environment).
-        warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
-        warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
-        log_path = root / "pipeline.log"
-        with open(log_path, "w") as log, contextlib.redirect_stdout(TaskLines(log, sys.stderr)):
+    try:
+        if verbose:
             try:
                 _pipeline()(**args)
-            except BaseException:
-                log.flush()
-                tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
-                sys.stderr.write(TaskLines.ANSI.sub("", tail) + f"\n(full output: {log_path})\n")
-                raise
+            except RuntimeError as e:
+                raise task_failure(e, errors, None) or e
+        else:
+            import contextlib
+            import sys
+            import warnings
+
+            # kfp.local warns per task that resource settings do nothing locally and that the component
+            # image is not used: both true, and known (this venv is the image's environment).
+            warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
+            warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
+            log_path = root / "pipeline.log"
+            with open(log_path, "w") as log, contextlib.redirect_stdout(TaskLines(log, sys.stderr)):
+                try:
+                    _pipeline()(**args)
+                except BaseException as e:
+                    log.flush()
+                    failed = task_failure(e, errors, log_path) if isinstance(e, RuntimeError) else None
+                    if failed is not None:  # a task failed: its name and own error, the rest in the log
+                        raise failed from None
+                    tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
+                    sys.stderr.write(TaskLines.ANSI.sub("", tail) + f"\n(full output: {log_path})\n")
+                    raise
+    finally:
+        if before is None:
+            os.environ.pop(TASK_ERRORS_ENV, None)
+        else:
+            os.environ[TASK_ERRORS_ENV] = before
     # kfp.local keeps each task's outputs under <root>/<run>/<task>/<output>: the newest report page.
     pages = sorted(root.glob("*/report/page"), key=lambda p: p.stat().st_mtime)
     return {"pipeline_root": str(root), "wall_s": round(time.perf_counter() - t0, 1),
             "report": str(pages[-1]) if pages else None}
+
+
+FAILED_RUN = re.compile(r"finished with status FAILURE\. Inner task failed: (.+?)\.?$")
+LAST_ERROR = re.compile(r"^(?:psamf: error: (.+)|([A-Za-z_][\w.]*(?:Error|Exception|Failed)): (.+))$")
+
+
+def task_failure(e: BaseException, errors: Path, log_path: Path | None):
+    """kfp.local's `Pipeline ... finished with status FAILURE. Inner task failed: 'x' inside 'y'.`
+    as a TaskFailed: the innermost task's name and the error it recorded (psamf.stages.task), else
+    the last error line of the log; None when `e` is not a failed run."""
+    from psamf.errors import TaskFailed
+    from psamf.io import read_json
+
+    m = FAILED_RUN.search(TaskLines.ANSI.sub("", str(e)).strip())
+    if m is None:
+        return None
+    name = m.group(1).split(" inside ")[0].strip().strip("'")
+    records = []
+    for p in sorted(errors.glob("*.json")):  # named by time: a retried task's last try is last
+        try:
+            records.append(read_json(p))
+        except Exception:  # a half-written record of a killed task: the log still has the story
+            continue
+    mine = [r for r in records if isinstance(r, dict) and r.get("task") == name] or records
+    where = f" (full log: {log_path})" if log_path is not None else ""
+    if mine:
+        r = mine[-1]
+        return TaskFailed(name, f"{r.get('message')}{where}", int(r.get("exit_code", 1)))
+    last = None  # no record (the task died before its stage ran): the log's last error line
+    if log_path is not None and log_path.is_file():
+        for line in log_path.read_text(errors="replace").splitlines():
+            hit = LAST_ERROR.match(TaskLines.ANSI.sub("", line).strip())
+            if hit:
+                last = hit.group(1) or f"{hit.group(2)}: {hit.group(3)}"
+    return TaskFailed(name, f"{last or 'no error message; see the log'}{where}", 1)
 
 
 def submit(host: str, profile: str | None, overrides: Sequence[str], experiment: str = "psamf",

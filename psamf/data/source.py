@@ -89,9 +89,18 @@ def split_s3(url: str) -> tuple[str, str]:
 
 
 def _s3_objects(url: str) -> list[dict[str, Any]]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, prefix = split_s3(url)
-    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
-    objs = [o for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    try:
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        objs = [o for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    except ClientError as e:  # NoSuchBucket, AccessDenied, ...: the source named is wrong, not psamf
+        err = e.response.get("Error", {})
+        raise InputError("data_source", f"{redact(url)}: {err.get('Code', 'error')}: "
+                                        f"{redact(err.get('Message', str(e)))}") from None
+    except (BotoCoreError, ValueError) as e:  # no endpoint, no credentials, a bucket name S3 refuses
+        raise InputError("data_source", f"{redact(url)}: {redact(str(e))}") from None
     if not objs:
         raise InputError("data_source", f"{url}: no objects under this prefix")
     return sorted(objs, key=lambda o: o["Key"])

@@ -25,7 +25,7 @@ from psamf import tracking
 from psamf.config import Config
 from psamf.errors import InputError
 from psamf.io import write_json
-from psamf.metrics import regression_metrics
+from psamf.metrics import DivergedError, NonFiniteError, regression_metrics
 from psamf.models.mult import MulT
 from psamf.models.user_adapter import UserVocab
 from psamf.mult.pretrain import check_user, forward, load_pretrained, mult_inputs, take
@@ -139,8 +139,14 @@ def _finetune_draws(cfg: Config, user: str) -> dict[str, Any]:
             test = take(tensors, idx[t], torch.full((len(t),), row, dtype=torch.long))
             preds[variant] = predict(model, test, forward)
         y = labels[t]
+        try:
+            scored = {v: regression_metrics(preds[v], y) for v in VARIANTS}
+        except NonFiniteError as e:
+            raise DivergedError(f"finetune[{user}]", f"on support draw {r + 1} of {fc.draws}", str(e),
+                                {"finetune.lr_base": fc.lr_base, "finetune.lr_adapter": fc.lr_adapter,
+                                 "finetune.kd_lambda": fc.kd_lambda, "finetune.epochs": fc.epochs}) from None
         draws.append({"draw": r, "support": ds.segments["segment_id"].iloc[idx[s]].tolist(),
-                      "n_test": len(t), **{v: regression_metrics(preds[v], y) for v in VARIANTS}})
+                      "n_test": len(t), **scored})
     summary = {v: {k: mean_ci([d[v][k] for d in draws]) for k in draws[0][v]} for v in VARIANTS}
     paired = {f"{v}_vs_baseline_mae": paired_diff([d["baseline"]["mae"] for d in draws], [d[v]["mae"] for d in draws])
               for v in ("fs_ua", "fs_ua_kd")}

@@ -116,7 +116,8 @@ def pretrain(cfg: Config, held_out: str, on_epoch=None) -> dict[str, Any]:
         log_epoch = tracking.epoch_logger()
         result = fit(model, opt, train, l1_loss, evaluate, epochs=pc.epochs, batch_size=pc.batch_size,
                      patience=pc.patience, seed=pc.seed, ckpt_dir=out, fingerprint=fp, grad_clip=pc.grad_clip,
-                     on_epoch=on_epoch or log_epoch, desc=f"pretrain[{held_out}]", store=store)
+                     on_epoch=on_epoch or log_epoch, desc=f"pretrain[{held_out}]", store=store,
+                     suspects={"pretrain.lr": pc.lr, "pretrain.grad_clip": pc.grad_clip})
         tracking.log_metrics({"best_valid_mae": result.best_score, "best_epoch": result.best_epoch})
     torch.save({"state_dict": model.state_dict(), "users": vocab.to_list(), "text_source": source,
                 "dims": {m: int(tensors[m].shape[-1]) for m in ("text", "audio", "visual")}},

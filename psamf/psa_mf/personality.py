@@ -60,7 +60,7 @@ from psamf.data.first_impressions import (FI_DIRNAME, SYNTHETIC_MARKER, TRAITS, 
                                     load_personality_corpus, speaker_disjoint_split)
 from psamf.errors import InputError
 from psamf.io import atomic_dir
-from psamf.metrics import pearson_r
+from psamf.metrics import check_finite_preds, pearson_r
 from psamf.models.encoders import resolve_encoder
 from psamf.training import (Batch, BatchProgress, autocast, config_fingerprint, fit, predict, resolve_device,
                             seed_everything, to_device, tokenize, trim_padding)
@@ -250,6 +250,7 @@ def train_personality(cfg: Config, *, on_epoch=None) -> dict[str, Any]:
     def evaluate(m: nn.Module) -> dict[str, float]:
         progress.close()
         p = raw_pred(m, "valid")
+        check_finite_preds(p, "valid")  # NaN would pass np.clip and never be the best: fit reports it
         met = trait_metrics(p, labels["valid"])
         return {"valid_mse": float(np.mean((np.clip(p, 0, 1) - labels["valid"]) ** 2)),
                 "valid_mean_r": met["mean_r"], **{f"valid_r_{t}": v for t, v in met["r"].items()}}
@@ -266,7 +267,7 @@ def train_personality(cfg: Config, *, on_epoch=None) -> dict[str, Any]:
         result = fit(model, opt, train, loss_fn, evaluate, epochs=pc.epochs, batch_size=pc.batch_size,
                      patience=max(1, pc.epochs), seed=pc.split_seed, ckpt_dir=ckpt, fingerprint=fp,
                      monitor="valid_mse", on_epoch=on_epoch or tracking.epoch_logger(), desc="personality",
-                     store=store)
+                     store=store, suspects={"personality.lr": pc.lr, "personality.lr_head": pc.lr_head})
         progress.close()
         metrics = {s: trait_metrics(raw_pred(model, s), labels[s]) for s in ("valid", "test")}
         _fold_standardization(head, mean, sd)

@@ -302,7 +302,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
                      patience=tc.patience, seed=tc.seed, ckpt_dir=ckpt, fingerprint=fp, monitor="valid_mae",
                      grad_clip=tc.grad_clip,
                      on_epoch=tracking.epoch_logger(), desc=run_name, should_stop=should_stop,
-                     scheduler=scheduler, store=store)
+                     scheduler=scheduler, store=store, suspects=_suspects(cfg, kind))
         progress.close()
         report: dict[str, Any] = {
             "model": kind, "corpus": cfg.data.corpus, "av_simulated": ds.av_simulated,
@@ -347,6 +347,18 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
         raise optuna.TrialPruned(f"pruned after epoch {pruned['epoch']} "
                                  f"(valid MAE {result.history[-1]['valid_mae']:.4f})")
     return report
+
+
+def _suspects(cfg: Config, kind: str) -> dict[str, Any]:
+    """The settings most likely at fault when a run diverges: its learning rates (and schedule),
+    and for PSA-MF the weight and temperature of the auxiliary losses."""
+    tc = cfg.train
+    out: dict[str, Any] = {"train.lr": tc.lr, "train.lr_head": tc.lr_head}
+    if tc.lr_schedule != "constant" or tc.warmup_ratio:
+        out.update({"train.lr_schedule": tc.lr_schedule, "train.warmup_ratio": tc.warmup_ratio})
+    if kind == "psamf":
+        out.update({"psamf.aux_lambda": cfg.psamf.aux_lambda, "psamf.tau": cfg.psamf.tau})
+    return out
 
 
 PREDICTIONS = "predictions.csv"

@@ -247,11 +247,13 @@ def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) ->
 
 
 def load_best_params(path: str | Path) -> dict[str, Any]:
-    """A best_params.json (dotted config keys -> values), checked to be a flat mapping."""
+    """A best_params.json (dotted config keys -> values), checked to be a flat mapping. Its values
+    are checked where every config value is: load_config, through best_params_overrides."""
+    from psamf.config import MAX_CONFIG_BYTES
     from psamf.io import read_json
 
     p = Path(path)
-    data = read_json(p, "best-params file not found; run `psamf tune` first")
+    data = read_json(p, "best-params file not found; run `psamf tune` first", max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(data, dict) or not all(isinstance(k, str) and "." in k for k in data):
         raise InputError(p, 'must be a JSON object of dotted config keys, e.g. {"psamf.tau": 0.1}')
     bad = [k for k, v in data.items() if isinstance(v, (dict, list))]
@@ -261,7 +263,10 @@ def load_best_params(path: str | Path) -> dict[str, Any]:
 
 
 def best_params_overrides(path: str | Path) -> list[str]:
-    """best_params.json as `--set`-style overrides (values JSON-encoded, which YAML reads back)."""
+    """best_params.json as `--set`-style overrides (values JSON-encoded, which YAML reads back)
+    that name the file, so load_config reports a bad value against it."""
     import json
 
-    return [f"{k}={json.dumps(v)}" for k, v in load_best_params(path).items()]
+    from psamf.config import Override
+
+    return [Override(f"{k}={json.dumps(v)}", path) for k, v in load_best_params(path).items()]
