@@ -157,6 +157,7 @@ RANGES: dict[tuple[str, str], tuple[tuple[str, float | str], ...]] = {
     ("data", "max_pickle_mb"): ((">=", 1),),
     ("data", "selection_users"): ((">=", 1),),
     ("finetune", "support_pool"): ((">", 0), ("<", 1)),
+    ("finetune", "select_trials"): ((">=", 1),),
     ("user_adapter", "unknown_p"): ((">=", 0), ("<", 1)),
     ("psamf", "align_layer"): ((">=", 1), ("<=", "split_layer")),
     ("psamf", "ccl_weight"): ((">=", 0),),
@@ -389,6 +390,8 @@ class FinetuneConfig(_Checked):
     # Stratified draws bin over a support pool, this fraction of the user's segments drawn at
     # random per draw; the rest is the test set, whose labels the binning never sees.
     support_pool: float = 0.5
+    # `psamf loo --select`: Optuna trials over the fine-tuning knobs, scored on selection speakers.
+    select_trials: int = 20
     epochs: int = 10
     dropout: bool = False
     lr_base: float = 1e-4
@@ -828,3 +831,28 @@ def _source_of(origin: dict[str, tuple[int, str]], keys: tuple[str, ...]) -> str
         parts = key.split(".")
         found += [origin[k] for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if k in origin][:1]
     return max(found)[1] if found else "params"
+
+
+def load_best_params(path: str | Path) -> dict[str, Any]:
+    """A best_params.json (dotted config keys -> values), as `psamf tune` and `psamf loo --select`
+    write it, checked to be a flat mapping. Its values are checked where every config value is:
+    load_config, through best_params_overrides."""
+    from psamf.io import read_json
+
+    p = Path(path)
+    data = read_json(p, "best-params file not found; `psamf tune` (PSA-MF) and `psamf loo --select` "
+                        "(MulT) write one", max_bytes=MAX_CONFIG_BYTES)
+    if not isinstance(data, dict) or not all(isinstance(k, str) and "." in k for k in data):
+        raise InputError(p, 'must be a JSON object of dotted config keys, e.g. {"psamf.tau": 0.1}')
+    bad = [k for k, v in data.items() if isinstance(v, (dict, list))]
+    if bad:
+        raise InputError(p, f"values must be scalars ({', '.join(bad)})")
+    return data
+
+
+def best_params_overrides(path: str | Path) -> list[str]:
+    """best_params.json as `--set`-style overrides (values JSON-encoded, which YAML reads back)
+    that name the file, so load_config reports a bad value against it."""
+    import json
+
+    return [Override(f"{k}={json.dumps(v)}", path) for k, v in load_best_params(path).items()]

@@ -367,7 +367,7 @@ def train_stage(profile: str, overrides: Sequence[str], params_yaml: str, finger
                 personality: str, best_params: str, model: str,
                 metrics: MetricsSink | None = None) -> dict[str, Any]:
     from psamf.psa_mf.train import train_psamf
-    from psamf.psa_mf.tune import best_params_overrides
+    from psamf.config import best_params_overrides
 
     set_task_threads()
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, dataset=dataset,

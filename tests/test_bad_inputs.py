@@ -76,7 +76,7 @@ def test_transcripts_that_are_not_utf8_name_the_byte_and_line(corpus, tmp_path):
 @pytest.mark.parametrize("name", ["standard_folds.json", "params.yaml", "best_params.json"])
 def test_other_text_files_that_are_not_utf8(name, corpus, tmp_path):
     from psamf.data.layout import read_folds
-    from psamf.psa_mf.tune import load_best_params
+    from psamf.config import load_best_params
 
     path = tmp_path / name if name != "standard_folds.json" else corpus / name
     good = {"standard_folds.json": path.read_bytes() if path.exists() else b"",

@@ -404,7 +404,7 @@ def test_a_bomb_is_one_line_and_exit_2_on_the_cli(tmp_path):
     ("[" * 100_000 + "]" * 100_000, "not valid JSON (nested too deep)"),
 ])
 def test_best_params_values_are_checked_like_every_config_value(text, message, tmp_path):
-    from psamf.psa_mf.tune import best_params_overrides
+    from psamf.config import best_params_overrides
 
     path = tmp_path / "best_params.json"
     path.write_text(text)

@@ -305,3 +305,42 @@ def test_a_skipped_slot_is_one_marker_in_cli_and_kfp_that_the_report_passes_over
     users = json.loads(done.read_text())["users"] if done.is_file() else loo(cfg)["users"]
     files = [tmp_path / "kfp.json", *(root / "loo" / "synthetic" / f"{u}.json" for u in users), cli]
     assert loo_report(cfg, report_files=files, out_dir=tmp_path / "report")["users"] == users
+
+
+def test_select_chooses_the_knobs_on_selection_speakers_only(corpus, monkeypatch, tmp_path):
+    """`psamf loo --select`: the knobs are scored on the selection speakers; the report speakers
+    are neither scored nor in the selection's pretraining data. best_params.json feeds `loo`."""
+    import json
+
+    import torch
+
+    import psamf.mult.select as sel
+    from psamf.config import best_params_overrides
+    from psamf.mult.select import select_finetune
+
+    root, cfg = corpus
+    ds = load_prepared(cfg.data.prepared_path)
+    report_users = ds.loo_users(cfg.data.loo_users)
+    scored: list[str] = []
+    real = sel.finetune_draws
+
+    def spy(c, user, inputs=None):
+        scored.append(user)
+        return real(c, user, inputs)
+
+    monkeypatch.setattr(sel, "finetune_draws", spy)
+    cfg = load_config(REPO / "params.yaml", "smoke", smoke_overrides(root) + [f"finetune.out_dir={tmp_path}/loo"])
+    summary = select_finetune(cfg)
+    users = summary["selection_users"]
+    assert len(users) == cfg.data.selection_users and not set(users) & set(report_users)
+    assert set(scored) == set(users) and len(scored) == len(users) * cfg.finetune.select_trials
+    for u in users:  # each selection model was pretrained without the report speakers
+        state = torch.load(Path(cfg.pretrain.out_dir) / "select" / cfg.data.corpus / u / "model.pt", weights_only=False)
+        assert not set(state["users"]) & set(report_users + [u])
+    best = json.loads(Path(summary["files"]["best_params"]).read_text())
+    assert set(best) == {"finetune.epochs", "finetune.dropout", "finetune.kd_lambda", "finetune.lr_base",
+                         "finetune.lr_adapter", "finetune.stratified"}
+    chosen = load_config(REPO / "params.yaml", "smoke", best_params_overrides(summary["files"]["best_params"]))
+    assert chosen.finetune.epochs == best["finetune.epochs"] and chosen.finetune.kd_lambda == best["finetune.kd_lambda"]
+    trials = (Path(summary["files"]["trials"])).read_text().splitlines()
+    assert len(trials) == 1 + cfg.finetune.select_trials

@@ -17,12 +17,19 @@ from psamf.errors import InputError, StageFailed
 ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml path (default: ./params.yaml or $PSAMF_PARAMS)")]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="smoke | demo | paper")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override any key: section.key=value")]
+BestParamsOpt = Annotated[Optional[Path], typer.Option(
+    "--best-params", help="a JSON of dotted keys (best_params.json from `psamf tune` or `psamf loo --select`) "
+                          "applied as overrides; --set wins over it")]
 CorpusOpt = Annotated[Optional[str], typer.Option("--corpus", help="synthetic | mosi | mosei | sims (same as --set data.corpus=...)")]
 
 
 def config_from(params: Path | None, profile: str | None, sets: list[str] | None,
-                corpus: str | None = None) -> Config:
+                corpus: str | None = None, best_params: Path | None = None) -> Config:
     overrides = list(sets or [])
+    if best_params is not None:
+        from psamf.config import best_params_overrides
+
+        overrides = best_params_overrides(best_params) + overrides
     if corpus:
         overrides.append(f"data.corpus={corpus}")
     cfg = load_config(params, profile, overrides)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from psamf.cli.common import (CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json,
+from psamf.cli.common import (BestParamsOpt, CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json,
                                one_line_errors)
 from psamf.config import Config
 from psamf.errors import InputError
@@ -152,11 +152,12 @@ def pretrain_cmd(held_out: HeldOutOpt = None, rank: RankOpt = None, params: Para
 @app.command("finetune")
 @one_line_errors
 def finetune_cmd(user: HeldOutOpt = None, rank: RankOpt = None, params: ParamsOpt = None,
-                 profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None) -> None:
+                 profile: ProfileOpt = None, set_: SetOpt = None, corpus: CorpusOpt = None,
+                 best_params: BestParamsOpt = None) -> None:
     """baseline / FS-UA / FS-UA-KD over R seeded k-shot draws for one user."""
     from psamf.mult.finetune import finetune
 
-    cfg = config_from(params, profile, set_, corpus)
+    cfg = config_from(params, profile, set_, corpus, best_params)
     who = _loo_user(cfg, user, rank)
     if who is None:
         return _skip_slot(cfg, cfg.finetune.out_dir, rank)
@@ -171,11 +172,25 @@ def loo_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
             report_only: Annotated[bool, typer.Option("--report-only", help="only collect existing per-user reports")] = False,
             reports: Annotated[Optional[list[Path]], typer.Argument(help="finetune report files to collect "
                                                                     "(default: <finetune.out_dir>/<corpus>/<user>.json)")] = None,
-            out: Annotated[Optional[Path], typer.Option(help="report dir (default: <finetune.out_dir>/<corpus>)")] = None) -> None:
-    """The leave-one-out experiment over the K users with the most segments: tables, CSV, chart."""
+            out: Annotated[Optional[Path], typer.Option(help="report dir (default: <finetune.out_dir>/<corpus>)")] = None,
+            select: Annotated[bool, typer.Option(
+                "--select", help="choose the fine-tuning knobs on the data.selection_users speakers (never the "
+                                 "report speakers); writes <finetune.out_dir>/<corpus>/select/best_params.json")] = False,
+            best_params: BestParamsOpt = None) -> None:
+    """The leave-one-out experiment over the K users with the most segments: tables, CSV, chart.
+
+    Choose the fine-tuning knobs first, on other speakers: `psamf loo --select`, then
+    `psamf loo --best-params <finetune.out_dir>/<corpus>/select/best_params.json`."""
     from psamf.mult.loo import loo, tracked_loo_report
 
-    cfg = config_from(params, profile, set_, corpus)
+    cfg = config_from(params, profile, set_, corpus, best_params)
+    if select:
+        from psamf.mult.select import select_finetune
+
+        summary = select_finetune(cfg)
+        echo_json({k: summary[k] for k in ("selection_users", "best_params", "best_value", "best_trial_means",
+                                           "files")})
+        return
     if report_only or reports:
         echo_json(tracked_loo_report(cfg, report_files=reports or None, out_dir=out))
     else:

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from psamf.cli.common import CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
+from psamf.cli.common import BestParamsOpt, CorpusOpt, ParamsOpt, ProfileOpt, SetOpt, config_from, echo_json, one_line_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -42,21 +42,15 @@ def register(app: typer.Typer) -> None:
                                          "(same as --set psamf.ablation=...)")] = None,
                   text_baseline: Annotated[bool, typer.Option(
                       "--text-baseline", help="train the text-only baseline (encoder + linear head) instead")] = False,
-                  best_params: Annotated[Optional[Path], typer.Option(
-                      "--best-params", help="a JSON of dotted keys (psamf tune's best_params.json) applied as "
-                                            "overrides; --set wins over it")] = None,
+                  best_params: BestParamsOpt = None,
                   ) -> None:
         """Train PSA-MF (resumable); test metrics in every convention; writes model.pt + metrics.json."""
         from psamf.psa_mf.train import train_psamf, train_text_baseline
 
         sets = list(set_ or [])
-        if best_params is not None:
-            from psamf.psa_mf.tune import best_params_overrides
-
-            sets = best_params_overrides(best_params) + sets
         if ablation is not None:
             sets.append(f"psamf.ablation={ablation}")
-        cfg = config_from(params, profile, sets, corpus)
+        cfg = config_from(params, profile, sets, corpus, best_params)
         report = train_text_baseline(cfg) if text_baseline else train_psamf(cfg)
         echo_json({k: v for k, v in report.items() if k not in ("history", "metric_conventions")})
 

@@ -64,8 +64,13 @@ class PreparedDataset:
         return pd.Series(dict(order), name="segments")
 
     def loo_users(self, k: int) -> list[str]:
-        """The K speakers with the most segments: the leave-one-out users."""
+        """The K speakers with the most segments: the leave-one-out (report) users."""
         return list(self.speaker_counts().index[:k])
+
+    def selection_users(self, k_report: int, k: int) -> list[str]:
+        """The next k speakers by segment count after the k_report report speakers: they choose
+        fine-tuning settings, so the report speakers are scored on settings they never chose."""
+        return list(self.speaker_counts().index[k_report:k_report + k])
 
 
 def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> Path:

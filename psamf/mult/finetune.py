@@ -102,7 +102,7 @@ def finetune(cfg: Config, user: str, write: bool = True, report_path: str | Path
     <finetune.out_dir>/<corpus>/<user>.json; nothing is written with write=False)."""
     fc = cfg.finetune
     with tracking.stage_run(cfg, "finetune", f"finetune[{user}]", {"loo_user": user}):
-        report = _finetune_draws(cfg, user)
+        report = finetune_draws(cfg, user)
         tracking.set_tags({"av_simulated": report["av_simulated"], "text_features": report["text_features"]})
         for r, d in enumerate(report["per_draw"]):
             tracking.log_metrics({f"{v}_{k}": d[v][k] for v in VARIANTS for k in ("mae", "non0_acc2")}, step=r)
@@ -116,9 +116,11 @@ def finetune(cfg: Config, user: str, write: bool = True, report_path: str | Path
     return report
 
 
-def _finetune_draws(cfg: Config, user: str) -> dict[str, Any]:
+def finetune_draws(cfg: Config, user: str, inputs=None) -> dict[str, Any]:
+    """The R draws for one user, untracked (finetune's body); `inputs`: mult_inputs(cfg), when
+    the caller has them already (loo --select scores many settings on the same data)."""
     fc = cfg.finetune
-    ds, tensors, source = mult_inputs(cfg)
+    ds, tensors, source = inputs or mult_inputs(cfg)
     check_user(ds, user)
     base, vocab = load_pretrained(cfg, user, tensors)
     idx = np.flatnonzero(ds.segments["speaker_id"].to_numpy() == user)

@@ -82,13 +82,14 @@ def check_user(ds: PreparedDataset, user: str) -> None:
         raise InputError("--user", f"speaker {user!r} is not in the {ds.manifest.get('corpus')} corpus")
 
 
-def pretrain(cfg: Config, held_out: str, on_epoch=None) -> dict[str, Any]:
-    """Train MulT + User Adapter on every speaker but `held_out`; resumable; writes model.pt."""
+def pretrain(cfg: Config, held_out: str, on_epoch=None, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train MulT + User Adapter on every speaker but `held_out` (and `exclude`); resumable;
+    writes model.pt."""
     pc = cfg.pretrain
     ds, tensors, source = mult_inputs(cfg)
     check_user(ds, held_out)
     out = pretrain_dir(cfg, held_out)
-    keep = np.flatnonzero(ds.segments["speaker_id"].to_numpy() != held_out)
+    keep = np.flatnonzero(~ds.segments["speaker_id"].isin([held_out, *exclude]).to_numpy())
     rng = np.random.default_rng(pc.seed)
     perm = rng.permutation(keep)
     n_valid = int(round(len(perm) * pc.valid_frac))
@@ -108,7 +109,8 @@ def pretrain(cfg: Config, held_out: str, on_epoch=None) -> dict[str, Any]:
 
     # out_dir is not a setting: a retried pod resumes into a new output dir
     fp = config_fingerprint({"mult": asdict(cfg.mult), "ua": asdict(cfg.user_adapter),
-                             "pretrain": {k: v for k, v in asdict(pc).items() if k != "out_dir"}, "seq_len": cfg.data.seq_len, "held_out": held_out, "text": source,
+                             "pretrain": {k: v for k, v in asdict(pc).items() if k != "out_dir"}, "seq_len": cfg.data.seq_len, "held_out": held_out,
+                             **({"exclude": sorted(exclude)} if exclude else {}), "text": source,
                              "n": len(train_idx), "data": tensor_digest(tensors)})
     store = store_for(cfg, "pretrain", fp)
     with tracking.stage_run(cfg, "pretrain", f"pretrain[{held_out}]",

@@ -12,15 +12,14 @@ Modules:
     workers   one worker's locked trial loop, worker processes, preflight, the `tune` stage
     report    best_params.json, summaries, plots (PNG + one interactive HTML), MLflow logging
 """
-from psamf.psa_mf.tune.report import (PLOTS, PLOTS_HTML, best_params_overrides, finish_study, load_best_params,
-                               tune_report)
+from psamf.psa_mf.tune.report import PLOTS, PLOTS_HTML, finish_study, tune_report
 from psamf.psa_mf.tune.search import (PARAMS, STORAGE_ENV, Objective, apply_params, budget_allows_trial, create_study,
                                encoder_depth, epochs_spent, keyed_study, load_study, make_pruner, make_sampler,
                                make_storage, report_dir, storage_url, study_finished, suggest, trial_counts)
 from psamf.psa_mf.tune.workers import preflight, run_worker, tune, worker_argv
 
-__all__ = ["PARAMS", "PLOTS", "PLOTS_HTML", "STORAGE_ENV", "Objective", "apply_params", "best_params_overrides",
+__all__ = ["PARAMS", "PLOTS", "PLOTS_HTML", "STORAGE_ENV", "Objective", "apply_params",
            "budget_allows_trial", "create_study", "encoder_depth", "epochs_spent", "finish_study", "keyed_study",
-           "load_best_params", "load_study", "make_pruner", "make_sampler", "make_storage", "preflight",
+           "load_study", "make_pruner", "make_sampler", "make_storage", "preflight",
            "report_dir", "run_worker", "storage_url", "study_finished", "suggest", "trial_counts", "tune",
            "tune_report", "worker_argv"]

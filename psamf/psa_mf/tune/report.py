@@ -30,7 +30,6 @@ from typing import Any
 
 from psamf import tracking
 from psamf.config import Config
-from psamf.errors import InputError
 from psamf.io import write_json, write_text
 from psamf.redact import redact
 from psamf.reports.html import html_page, markdown_table, provenance, save_figure, write_csv
@@ -244,29 +243,3 @@ def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) ->
     write_text(out / "summary.md", "\n".join(md))
     write_json(out / "summary.json", summary)
     return summary
-
-
-def load_best_params(path: str | Path) -> dict[str, Any]:
-    """A best_params.json (dotted config keys -> values), checked to be a flat mapping. Its values
-    are checked where every config value is: load_config, through best_params_overrides."""
-    from psamf.config import MAX_CONFIG_BYTES
-    from psamf.io import read_json
-
-    p = Path(path)
-    data = read_json(p, "best-params file not found; run `psamf tune` first", max_bytes=MAX_CONFIG_BYTES)
-    if not isinstance(data, dict) or not all(isinstance(k, str) and "." in k for k in data):
-        raise InputError(p, 'must be a JSON object of dotted config keys, e.g. {"psamf.tau": 0.1}')
-    bad = [k for k, v in data.items() if isinstance(v, (dict, list))]
-    if bad:
-        raise InputError(p, f"values must be scalars ({', '.join(bad)})")
-    return data
-
-
-def best_params_overrides(path: str | Path) -> list[str]:
-    """best_params.json as `--set`-style overrides (values JSON-encoded, which YAML reads back)
-    that name the file, so load_config reports a bad value against it."""
-    import json
-
-    from psamf.config import Override
-
-    return [Override(f"{k}={json.dumps(v)}", path) for k, v in load_best_params(path).items()]
