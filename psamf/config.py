@@ -69,6 +69,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "init"): INITS,
     ("train", "device"): DEVICES,
     ("tune", "pruner"): PRUNERS,
+    ("registry", "eval_split"): ("valid", "test"),
 }
 
 # (op, bound) pairs per key; a str bound names another key of the same section. null passes (it
@@ -522,6 +523,9 @@ class CheckpointsConfig(_Checked):
 class RegistryConfig(_Checked):
     psamf_model: str = "psamf-psamf"
     mult_model: str = "psamf-mult"
+    # The split PSA-MF's gate scores on. The gate *chooses* the champion, so a gated score is a
+    # selection score: valid keeps the test split for the one unbiased report.
+    eval_split: str = "valid"
     mae_margin: float = 0.0
     acc2_margin: float = 0.0
 

@@ -302,8 +302,10 @@ def test_register_stage_psamf(psamf_trained):
     cfg, ds, _, _ = psamf_trained
     r = register_stage(cfg, "psamf")
     assert r["verdict"] == "first" and r["model_name"] == "serving-test-psamf"
-    n_test = int((ds.segments["split"] == "test").sum())
-    assert r["test_set_id"].startswith(f"synthetic:{n_test}:")
+    split = cfg.registry.eval_split
+    assert split == "valid"  # the gate chooses, so by default it never scores the test split
+    n_eval = int((ds.segments["split"] == split).sum())
+    assert r["test_set_id"].startswith(f"synthetic:{n_eval}:")
 
     # mlflow.models.evaluate ran on the registered model: plots, table, dataset, LoggedModel metrics.
     import mlflow
@@ -322,7 +324,7 @@ def test_register_stage_psamf(psamf_trained):
     assert run.data.metrics["psamf/mae"] == pytest.approx(r["metrics"]["mae"])
     assert run.data.metrics["psamf/non0_acc2"] == pytest.approx(r["metrics"]["non0_acc2"])
     assert run.data.metrics["mean_absolute_error"] == pytest.approx(r["metrics"]["mae"])
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic-test"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic-valid"]
     model_id = r["model_uri"][len("models:/"):]
     linked = {m.key: m.value for m in mlflow.get_logged_model(model_id).metrics or []}
     assert linked["psamf/mae"] == pytest.approx(r["metrics"]["mae"])

@@ -1,8 +1,11 @@
 """The champion/challenger gate for the MLflow model registry (TFX's "blessing"): aliases, not stages.
 
-Every registered version carries its test numbers as tags (`gate.mae`, `gate.non0_acc2`,
-`gate.test_set_id`, and every metric as `test.<name>`). The alias `@champion` is the version
-that serves. `@challenger` is the latest version that did not win.
+Every registered version carries the numbers of its evaluation set as tags (`gate.mae`,
+`gate.non0_acc2`, `gate.test_set_id`, and every metric as `test.<name>`; the names predate
+`registry.eval_split` and stay, so older versions compare). For PSA-MF that set is the
+`registry.eval_split` split, valid by default: the gate chooses, so the score it reads is a
+selection score, and the test split stays for the one unbiased report. The alias `@champion`
+is the version that serves. `@challenger` is the latest version that did not win.
 
 The rule, `decide(challenger, champion, cfg)`, is a pure function:
 
@@ -409,7 +412,9 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
 
     which="mult": the pretrain[held_out] model (default: the first LOO user); its test set is
     the held-out speaker's segments, scored as a cold-start (UNKNOWN) user, which is exactly
-    the LOO baseline. which="psamf": psamf_train's model, on the corpus's test split.
+    the LOO baseline. which="psamf": psamf_train's model, on the registry.eval_split split
+    (valid by default). The gate chooses the champion, so the score it reads is a selection
+    score, not an unbiased estimate of the champion's error.
     run_id: log into this existing run (e.g. the training run) instead of a new `register`
     stage run; registering the same run twice then returns the first decision without
     logging anything again.
@@ -440,10 +445,11 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
         log_model, test_name = serving.log_mult_model, f"held-out speaker {user}"
     else:
         user = None
-        idx = np.flatnonzero(ds.segments["split"].to_numpy() == "test")
+        split = cfg.registry.eval_split
+        idx = np.flatnonzero(ds.segments["split"].to_numpy() == split)
         if not len(idx):
-            raise InputError(cfg.data.prepared_path, "the test split is empty")
-        log_model, test_name = serving.log_psamf_model, "test split"
+            raise InputError(cfg.data.prepared_path, f"the {split} split is empty (registry.eval_split)")
+        log_model, test_name = serving.log_psamf_model, f"{split} split"
     tsid = dataset_test_set_id(ds, idx)
     from psamf.fingerprint import file_sha256
 
@@ -473,7 +479,7 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
             tracking.set_tags(tags)
         info = log_model(cfg, model_dir)
         metrics = evaluate_logged_model(info, serving.dataset_frame(ds, idx), ds.segments["label"].to_numpy()[idx],
-                                        name=f"{cfg.data.corpus}-{'test' if user is None else user}",
+                                        name=f"{cfg.data.corpus}-{cfg.registry.eval_split if user is None else user}",
                                         source=str(cfg.data.prepared_path), digest=tsid)
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         result = register(cfg, run.info.run_id, info.model_uri, metrics, tsid, name, source_key)
