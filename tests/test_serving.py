@@ -306,6 +306,10 @@ def test_register_stage_psamf(psamf_trained):
     assert split == "valid"  # the gate chooses, so by default it never scores the test split
     n_eval = int((ds.segments["split"] == split).sum())
     assert r["test_set_id"].startswith(f"synthetic:{n_eval}:")
+    from psamf.registry.gate import client_for as _client
+
+    tags = _client(cfg).get_model_version(r["model_name"], r["version"]).tags
+    assert tags["gate.score"].startswith("selection score on the valid split")
 
     # mlflow.models.evaluate ran on the registered model: plots, table, dataset, LoggedModel metrics.
     import mlflow

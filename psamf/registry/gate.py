@@ -483,6 +483,10 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
                                         source=str(cfg.data.prepared_path), digest=tsid)
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         result = register(cfg, run.info.run_id, info.model_uri, metrics, tsid, name, source_key)
+        # What the number on the version page is: the gate chose on it, so it is no unbiased estimate.
+        score = f"selection score on the {test_name}: the gate chose on it; not an unbiased estimate"
+        client.set_model_version_tag(name, result["version"], GATE + "score", score)
+        result["score"] = score
     result["model_uri"] = info.model_uri
     result["metrics"] = metrics
     return result
