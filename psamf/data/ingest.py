@@ -28,7 +28,7 @@ from psamf.data.align import frames_in, pool_or_pad
 from psamf.data.csd import ComputationalSequence, read_csd
 from psamf.data.layout import (LABEL_COLUMNS, SIMULATED_KEY, csd_name, find_csd, read_folds, read_transcripts,
                                words_to_texts)
-from psamf.data.prepared import MODALITIES, PreparedDataset, save_prepared
+from psamf.data.prepared import MODALITIES, PreparedDataset, save_prepared, stack_arrays
 from psamf.errors import InputError
 from psamf.fingerprint import file_sha256
 
@@ -187,11 +187,7 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
     if not rows:
         raise InputError(src.labels, "no labelled segment with a transcript")
     segments = pd.DataFrame(rows)
-    arrays: dict[str, np.ndarray] = {}
-    for m in MODALITIES:
-        arrays[m] = np.stack(per_mod[m]).astype(np.float32)
-        arrays[f"{m}_len"] = np.asarray(per_mod[f"{m}_len"], dtype=np.int64)
-        arrays[f"{m}_mask"] = np.stack(per_mod[f"{m}_mask"])
+    arrays = stack_arrays(per_mod)
     av_simulated = any(bool(streams[m].metadata.get(SIMULATED_KEY)) for m in MODALITIES)
     manifest = {
         "corpus": cfg.data.corpus,

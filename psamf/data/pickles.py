@@ -49,7 +49,7 @@ import pandas as pd
 from psamf.config import PICKLE_FORMATS, Config
 from psamf.data.align import pool_or_pad
 from psamf.data.layout import check_id
-from psamf.data.prepared import MODALITIES, SPLITS, PreparedDataset
+from psamf.data.prepared import MODALITIES, SPLITS, PreparedDataset, stack_arrays
 from psamf.data.safe_pickle import ARRAY_GLOBALS, restricted_load
 from psamf.errors import InputError
 from psamf.fingerprint import file_sha256
@@ -498,11 +498,7 @@ def build_from_pickle(cfg: Config) -> tuple[PreparedDataset, dict[str, Any]]:
         raise InputError(sources["label_csv"], f"{len(orphans)} row(s) for segments the pickle does not have, "
                                                f"e.g. {orphans[0]} (data.orphan_transcripts=error)")
     segments = pd.DataFrame(rows)
-    arrays: dict[str, np.ndarray] = {}
-    for m in MODALITIES:
-        arrays[m] = np.stack(per_mod[m]).astype(np.float32)
-        arrays[f"{m}_len"] = np.asarray(per_mod[f"{m}_len"], dtype=np.int64)
-        arrays[f"{m}_mask"] = np.stack(per_mod[f"{m}_mask"])
+    arrays = stack_arrays(per_mod)
     manifest = {
         "corpus": corpus,
         "format": fmt,

@@ -73,6 +73,16 @@ class PreparedDataset:
         return list(self.speaker_counts().index[k_report:k_report + k])
 
 
+def stack_arrays(per_mod: dict[str, list]) -> dict[str, np.ndarray]:
+    """Per-segment lists (`<m>`: frames [T, D], `<m>_len`, `<m>_mask` [T]) -> the prepared arrays."""
+    arrays: dict[str, np.ndarray] = {}
+    for m in MODALITIES:
+        arrays[m] = np.stack(per_mod[m]).astype(np.float32)
+        arrays[f"{m}_len"] = np.asarray(per_mod[f"{m}_len"], dtype=np.int64)
+        arrays[f"{m}_mask"] = np.stack(per_mod[f"{m}_mask"])
+    return arrays
+
+
 def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> Path:
     """Write atomically: the directory appears complete or not at all."""
     out_dir = Path(out_dir)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -62,8 +61,8 @@ from psamf.errors import InputError
 from psamf.io import atomic_dir
 from psamf.metrics import check_finite_preds, pearson_r
 from psamf.models.encoders import resolve_encoder
-from psamf.training import (Batch, BatchProgress, autocast, config_fingerprint, fit, predict, resolve_device,
-                            seed_everything, to_device, tokenize, trim_padding)
+from psamf.training import (Batch, BatchProgress, autocast, config_fingerprint, discard_checkpoints, fit, predict,
+                            resolve_device, seed_everything, to_device, tokenize, trim_padding)
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +292,7 @@ def train_personality(cfg: Config, *, on_epoch=None) -> dict[str, Any]:
                               **{f"{s}_r_{t}": v for s in metrics for t, v in metrics[s]["r"].items()},
                               "best_epoch": result.best_epoch})
         tracking.log_artifact(out_dir / "metrics.json", "personality")
-    if not pc.keep_checkpoints:
-        shutil.rmtree(ckpt, ignore_errors=True)
-        if store is not None:
-            store.discard()
+    discard_checkpoints(ckpt, store, pc.keep_checkpoints)
     return report
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -62,8 +61,9 @@ from psamf.errors import InputError
 from psamf.io import atomic_dir, atomic_path, write_json
 from psamf.metrics import CONVENTIONS, regression_metrics
 from psamf.reports.html import write_csv
-from psamf.training import (PERSONALITY_PREFIX, Batch, BatchProgress, autocast, config_fingerprint, fit,
-                            predict, resolve_device, seed_everything, to_device, tokenize, trim_padding)
+from psamf.training import (PERSONALITY_PREFIX, Batch, BatchProgress, autocast, config_fingerprint,
+                            discard_checkpoints, fit, predict, resolve_device, seed_everything, to_device, tokenize,
+                            trim_padding)
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +337,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
                                   **{f"test_{k}": v for k, v in report.get("test", {}).items()},
                                   "best_epoch": result.best_epoch})
             tracking.log_artifact(out_dir / "metrics.json", "train")
-    if not tc.keep_checkpoints:
-        shutil.rmtree(ckpt, ignore_errors=True)
-        if store is not None:
-            store.discard()
+    discard_checkpoints(ckpt, store, tc.keep_checkpoints)
     if pruned["epoch"] is not None:
         import optuna
 
