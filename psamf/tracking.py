@@ -199,22 +199,6 @@ def _pipeline_runs(exp_id: str, fingerprint: str, completed: bool) -> list:
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
 
 
-def should_run(cfg: Config, fingerprint: str, force: bool = False) -> tuple[bool, str]:
-    """(run?, reason) for a run outside KFP (CLI, cron): skip when a completed MLflow pipeline
-    run has this fingerprint (psamf.fingerprint). In a KFP run, the cache decides per task."""
-    if force:
-        return True, "forced"
-    if not enabled():
-        return True, "tracking off: cannot look up earlier runs"
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    done = _pipeline_runs(ensure_experiment(cfg), fingerprint, completed=True)
-    if done:
-        return False, f"data, code and params unchanged since run {done[0].info.run_id}"
-    return True, "data, code or params changed"
-
-
 def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: dict[str, Any] | None = None) -> str:
     """The MLflow parent run of the pipeline run with this fingerprint: the newest one that is
     not completed, else a new one. Tasks find it from the fingerprint (a content-keyed input),
@@ -227,6 +211,8 @@ def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: di
     exp_id = ensure_experiment(cfg)
     found = _pipeline_runs(exp_id, fingerprint, completed=False)
     if found:
+        if found[0].info.status != "RUNNING":  # a retry of a failed run: it spans the retry too
+            mlflow.MlflowClient().update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     all_tags = {**base_tags(cfg, "pipeline"), "pipeline_fingerprint": fingerprint, "completed": "false",
                 **{k: _tag(v) for k, v in (tags or {}).items()}}
@@ -234,17 +220,45 @@ def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: di
     run = client.create_run(exp_id, run_name=name, tags=all_tags)
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str("null" if v is None else v))
                                                for k, v in cfg.flat().items()])
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    return run.info.run_id  # left RUNNING: the last task (or `psamf pipeline run`) ends it
 
 
-def complete_pipeline_run(cfg: Config, run_id: str) -> None:
-    """Mark the parent run completed (the last stage does): later runs of the fingerprint start anew."""
+def complete_pipeline_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+    """End the parent run (the last stage does, or `psamf pipeline run` once the DAG is done), so
+    its duration is the pipeline's; FINISHED also marks it completed: later runs start anew."""
     if run_id and enabled():
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri(cfg))
-        mlflow.MlflowClient().set_tag(run_id, "completed", "true")
+        client = mlflow.MlflowClient()
+        if status == "FINISHED":
+            client.set_tag(run_id, "completed", "true")
+        client.set_terminated(run_id, status)
+
+
+def end_pipeline_runs(cfg: Config, fingerprint: str, status: str = "FINISHED",
+                      cached_tasks: int | None = None) -> None:
+    """End every still-running parent run of this fingerprint: under kfp.local's cache the last
+    task may be served from the cache, and then nothing else ends the run its fingerprint opened."""
+    if not enabled():
+        return
+    import mlflow
+
+    try:
+        with _quick_retries():
+            mlflow.set_tracking_uri(tracking_uri(cfg))
+            client = mlflow.MlflowClient()
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            if exp is None:
+                return
+            runs = client.search_runs([exp.experiment_id], f"tags.pipeline_fingerprint = '{fingerprint}' and "
+                                      "tags.stage = 'pipeline' and attributes.status = 'RUNNING'")
+            for run in runs:
+                if cached_tasks is not None:
+                    client.set_tag(run.info.run_id, "cached_tasks", str(cached_tasks))
+                complete_pipeline_run(cfg, run.info.run_id, status)
+    except Exception as e:  # the pipeline's outputs are written; a tracking outage must not fail it
+        log.warning("MLflow: could not end the pipeline run (%s)", str(e).splitlines()[0][:120])
 
 
 def ensure_user(uri: str, username: str, password: str) -> str:
