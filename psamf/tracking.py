@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 PARENT_ENV = "PSAMF_PARENT_RUN_ID"
 # The stages that train: their runs carry MLflow system metrics (system/cpu_utilization_percentage, ...).
 SYSTEM_METRICS_STAGES = ("personality", "pretrain", "train")
+INPUT_STAGES = ("pretrain", "finetune", "train")  # training runs that read data/prepared: its dataset is their input
+# MLflow 3's UI opens an experiment by its kind (tag mlflow.experimentKind): without one it guessed
+# GenAI and showed an empty traces view; psamf's runs are trainings.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 
 
@@ -81,10 +85,55 @@ def ensure_experiment(cfg: Config) -> str:
         local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
         root = os.environ.get("PSAMF_ARTIFACT_ROOT") or cfg.tracking.artifacts
         try:
-            mlflow.create_experiment(name, artifact_location=Path(root).resolve().as_uri() if local else None)
+            mlflow.create_experiment(name, artifact_location=Path(root).resolve().as_uri() if local else None,
+                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # another process created it first
             pass
+    elif exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # an experiment made before psamf set its kind
+        try:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except Exception as e:  # the UI's default view only; never a reason to stop a stage
+            log.warning("MLflow: could not set the experiment kind (%s)", str(e).splitlines()[0][:120])
     return mlflow.set_experiment(name).experiment_id
+
+
+def prepared_digest(path: str | Path) -> str:
+    """The prepared data's digest: sha256 over its files (segments, arrays, manifest), 16 hex."""
+    import hashlib
+
+    from psamf.fingerprint import file_sha256
+
+    h = hashlib.sha256()
+    for name in ("segments.parquet", "arrays.npz", "manifest.json"):
+        f = Path(path) / name
+        h.update(f"{name}:{file_sha256(f) if f.is_file() else '-'}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def log_prepared_input(cfg: Config, context: str = "training") -> None:
+    """The prepared data as the active run's input dataset (the UI's Dataset column and lineage):
+    named <corpus>-prepared, its digest `prepared_digest`, its source the prepared dir."""
+    if not enabled():
+        return
+    import warnings
+
+    import mlflow
+
+    path = Path(cfg.data.prepared_path)
+    if mlflow.active_run() is None or not (path / "manifest.json").is_file():
+        return
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():  # "resolved with the local source": yes, a local dir
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path.resolve()))
+        dataset = MetaDataset(source=source, name=f"{cfg.data.corpus}-prepared", digest=prepared_digest(path))
+        with _quick_retries():
+            mlflow.log_input(dataset, context=context)
+    except Exception as e:  # lineage is a courtesy; the stage's own work goes on
+        log.warning("MLflow: could not log the input dataset (%s)", str(e).splitlines()[0][:120])
 
 
 class _NullRun:
@@ -124,6 +173,8 @@ def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict[s
     try:
         if log_params:
             mlflow.log_params({k: ("null" if v is None else v) for k, v in cfg.flat().items()})
+        if stage in INPUT_STAGES:
+            log_prepared_input(cfg)
         yield run
         status = "FINISHED"
     finally:
