@@ -110,6 +110,13 @@ def prepared_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def experiment_link(ui: str, experiment_id: str) -> str:
+    """The experiment's page in the MLflow UI on its training runs: MLflow 3.17's UI chooses
+    GenAI or Model training per browser (this URL parameter, else its stored choice, default
+    GenAI), whatever the experiment's kind tag says."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def log_prepared_input(cfg: Config, context: str = "training") -> None:
     """The prepared data as the active run's input dataset (the UI's Dataset column and lineage):
     named <corpus>-prepared, its digest `prepared_digest`, its source the prepared dir."""
