@@ -29,9 +29,10 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# dvc.yaml's LOO rank slots follow params.yaml's data.loo_users (DVC's foreach cannot count).
-loo_slots.yaml: params.yaml | venv
-	$(BIN)/psamf loo-slots --out $@
+# dvc.yaml's vars follow params.yaml with its profile merged: the LOO rank slots (DVC's foreach
+# cannot count) and the corpus-named paths (DVC reads only params.yaml's top-level keys).
+dvc_vars.yaml: params.yaml | venv
+	$(BIN)/psamf dvc-vars --out $@
 
 clean:
 	rm -rf data/raw data/prepared reports models mlruns.db mlartifacts

@@ -9,6 +9,10 @@ checkpoint and a run on other data or settings never does.
 
     uri: s3://bucket/prefix   the artifact store on a cluster (credentials and endpoint from env)
          a directory          local runs and `dvc repro` (a `persist: true` output in dvc.yaml)
+
+Only a missing key means "no checkpoint". Any other store error (a 403, a 5xx, a missing bucket,
+no endpoint) stops the stage with one line naming the store and the status: a run that silently
+started from zero on a broken store would cost its whole budget again and say nothing.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from psamf.config import Config
+from psamf.errors import InputError
 
 log = logging.getLogger(__name__)
 URI_ENV = "PSAMF_CHECKPOINT_URI"
@@ -41,6 +46,26 @@ class CheckpointStore:
         bucket, prefix = split_s3(self.uri)
         return s3_client(), bucket, "/".join(p for p in (prefix, self.stage, self.key) if p)
 
+    def _s3_call(self, what: str, fn, *args, **kwargs):
+        """One S3 request; a store error becomes a one-line InputError naming the store and status.
+        A missing key is the caller's to handle: it is returned as None."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from psamf.redact import redact
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as e:
+            err, meta = e.response.get("Error", {}), e.response.get("ResponseMetadata", {})
+            if err.get("Code") == "NoSuchKey":
+                return None
+            status = meta.get("HTTPStatusCode", "?")
+            raise InputError(f"checkpoint store {redact(self.uri)}",
+                             f"{what} failed: HTTP {status} {err.get('Code', 'error')}: "
+                             f"{redact(err.get('Message') or str(e))}") from None
+        except BotoCoreError as e:  # no endpoint, no credentials, a connection refused
+            raise InputError(f"checkpoint store {redact(self.uri)}", f"{what} failed: {redact(str(e))}") from None
+
     def _dir(self) -> Path:
         return Path(self.uri.removeprefix("file://")) / self.stage / self.key
 
@@ -52,13 +77,14 @@ class CheckpointStore:
         got = False
         for name in FILES:
             if self.is_s3:
-                from botocore.exceptions import ClientError
-
                 client, bucket, prefix = self._s3()
-                try:
-                    client.download_file(bucket, f"{prefix}/{name}", str(local / f".{name}.part"))
-                except ClientError:
+                # GetObject, not download_file: its HEAD answers a bare 404 for a missing bucket
+                # and a missing key alike, and only the key's absence means "no checkpoint"
+                obj = self._s3_call(f"reading {name}", client.get_object, Bucket=bucket, Key=f"{prefix}/{name}")
+                if obj is None:
                     continue
+                with open(local / f".{name}.part", "wb") as f:
+                    shutil.copyfileobj(obj["Body"], f, 1 << 20)
             else:
                 src = self._dir() / name
                 if not src.is_file():
@@ -74,7 +100,15 @@ class CheckpointStore:
         """Store one checkpoint file (after `fit` wrote it atomically)."""
         if self.is_s3:
             client, bucket, prefix = self._s3()
-            client.upload_file(str(path), bucket, f"{prefix}/{path.name}")  # an S3 PUT is atomic
+            from boto3.exceptions import S3UploadFailedError
+
+            try:  # an S3 PUT is atomic
+                self._s3_call(f"writing {path.name}", client.upload_file, str(path), bucket, f"{prefix}/{path.name}")
+            except S3UploadFailedError as e:  # upload_file wraps the ClientError
+                from psamf.redact import redact
+
+                raise InputError(f"checkpoint store {redact(self.uri)}",
+                                 f"writing {path.name} failed: {redact(str(e))}") from None
         else:
             from psamf.io import atomic_path
 
@@ -86,7 +120,7 @@ class CheckpointStore:
         if self.is_s3:
             client, bucket, prefix = self._s3()
             for name in FILES:
-                client.delete_object(Bucket=bucket, Key=f"{prefix}/{name}")
+                self._s3_call(f"deleting {name}", client.delete_object, Bucket=bucket, Key=f"{prefix}/{name}")
         else:
             shutil.rmtree(self._dir(), ignore_errors=True)
 

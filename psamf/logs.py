@@ -20,6 +20,32 @@ class RedactFilter(logging.Filter):
         return True
 
 
+_FACTORY_MARK = "_psamf_redacts"
+
+
+def install_redaction() -> None:
+    """Mask credentials in every log record this process makes, whatever handler it reaches.
+
+    A filter on the root handlers (RedactFilter) is lost whenever a library swaps them: kfp.local
+    replaces the root handlers around every task and pipeline run (`local_logger_context`), and a
+    task's own process has none (its records reach logging's last-resort handler). So the record
+    is masked where it is made, by the record factory; idempotent."""
+    old = logging.getLogRecordFactory()
+    if getattr(old, _FACTORY_MARK, False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = old(*args, **kwargs)
+        try:
+            record.msg, record.args = redact(record.getMessage()), None
+        except Exception:  # a bad format string: logging reports it when the record is emitted
+            pass
+        return record
+
+    setattr(factory, _FACTORY_MARK, True)
+    logging.setLogRecordFactory(factory)
+
+
 def configure(level: str = "WARNING") -> None:
     """Root logging at `level` with FORMAT and RedactFilter; tqdm throttled when stderr is not a
     terminal (before any bar is made: tqdm reads TQDM_* overrides when it is imported)."""
@@ -29,6 +55,7 @@ def configure(level: str = "WARNING") -> None:
         from psamf.errors import InputError
 
         raise InputError("--log-level", f"{level!r} is not one of DEBUG, INFO, WARNING, ERROR") from None
+    install_redaction()
     logging.basicConfig(level=numeric, format=FORMAT)
     logging.getLogger().setLevel(numeric)
     for handler in logging.getLogger().handlers:

@@ -47,6 +47,9 @@ def task(name: str):
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
+            from psamf.logs import install_redaction
+
+            install_redaction()  # a kfp.local/KFP task process never ran the CLI's logging set-up
             try:
                 return fn(*args, **kwargs)
             except Exception as e:

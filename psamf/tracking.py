@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 PARENT_ENV = "PSAMF_PARENT_RUN_ID"
 # The stages that train: their runs carry MLflow system metrics (system/cpu_utilization_percentage, ...).
 SYSTEM_METRICS_STAGES = ("personality", "pretrain", "train")
+INPUT_STAGES = ("pretrain", "finetune", "train")  # training runs that read data/prepared: its dataset is their input
+# MLflow 3's UI opens an experiment by its kind (tag mlflow.experimentKind): without one it guessed
+# GenAI and showed an empty traces view; psamf's runs are trainings.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 
 
@@ -81,10 +85,62 @@ def ensure_experiment(cfg: Config) -> str:
         local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
         root = os.environ.get("PSAMF_ARTIFACT_ROOT") or cfg.tracking.artifacts
         try:
-            mlflow.create_experiment(name, artifact_location=Path(root).resolve().as_uri() if local else None)
+            mlflow.create_experiment(name, artifact_location=Path(root).resolve().as_uri() if local else None,
+                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # another process created it first
             pass
+    elif exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # an experiment made before psamf set its kind
+        try:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except Exception as e:  # the UI's default view only; never a reason to stop a stage
+            log.warning("MLflow: could not set the experiment kind (%s)", str(e).splitlines()[0][:120])
     return mlflow.set_experiment(name).experiment_id
+
+
+def prepared_digest(path: str | Path) -> str:
+    """The prepared data's digest: sha256 over its files (segments, arrays, manifest), 16 hex."""
+    import hashlib
+
+    from psamf.fingerprint import file_sha256
+
+    h = hashlib.sha256()
+    for name in ("segments.parquet", "arrays.npz", "manifest.json"):
+        f = Path(path) / name
+        h.update(f"{name}:{file_sha256(f) if f.is_file() else '-'}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def experiment_link(ui: str, experiment_id: str) -> str:
+    """The experiment's page in the MLflow UI on its training runs: MLflow 3.17's UI chooses
+    GenAI or Model training per browser (this URL parameter, else its stored choice, default
+    GenAI), whatever the experiment's kind tag says."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def log_prepared_input(cfg: Config, context: str = "training") -> None:
+    """The prepared data as the active run's input dataset (the UI's Dataset column and lineage):
+    named <corpus>-prepared, its digest `prepared_digest`, its source the prepared dir."""
+    if not enabled():
+        return
+    import warnings
+
+    import mlflow
+
+    path = Path(cfg.data.prepared_path)
+    if mlflow.active_run() is None or not (path / "manifest.json").is_file():
+        return
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():  # "resolved with the local source": yes, a local dir
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path.resolve()))
+        dataset = MetaDataset(source=source, name=f"{cfg.data.corpus}-prepared", digest=prepared_digest(path))
+        with _quick_retries():
+            mlflow.log_input(dataset, context=context)
+    except Exception as e:  # lineage is a courtesy; the stage's own work goes on
+        log.warning("MLflow: could not log the input dataset (%s)", str(e).splitlines()[0][:120])
 
 
 class _NullRun:
@@ -124,6 +180,8 @@ def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict[s
     try:
         if log_params:
             mlflow.log_params({k: ("null" if v is None else v) for k, v in cfg.flat().items()})
+        if stage in INPUT_STAGES:
+            log_prepared_input(cfg)
         yield run
         status = "FINISHED"
     finally:
@@ -199,22 +257,6 @@ def _pipeline_runs(exp_id: str, fingerprint: str, completed: bool) -> list:
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
 
 
-def should_run(cfg: Config, fingerprint: str, force: bool = False) -> tuple[bool, str]:
-    """(run?, reason) for a run outside KFP (CLI, cron): skip when a completed MLflow pipeline
-    run has this fingerprint (psamf.fingerprint). In a KFP run, the cache decides per task."""
-    if force:
-        return True, "forced"
-    if not enabled():
-        return True, "tracking off: cannot look up earlier runs"
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    done = _pipeline_runs(ensure_experiment(cfg), fingerprint, completed=True)
-    if done:
-        return False, f"data, code and params unchanged since run {done[0].info.run_id}"
-    return True, "data, code or params changed"
-
-
 def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: dict[str, Any] | None = None) -> str:
     """The MLflow parent run of the pipeline run with this fingerprint: the newest one that is
     not completed, else a new one. Tasks find it from the fingerprint (a content-keyed input),
@@ -227,6 +269,8 @@ def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: di
     exp_id = ensure_experiment(cfg)
     found = _pipeline_runs(exp_id, fingerprint, completed=False)
     if found:
+        if found[0].info.status != "RUNNING":  # a retry of a failed run: it spans the retry too
+            mlflow.MlflowClient().update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     all_tags = {**base_tags(cfg, "pipeline"), "pipeline_fingerprint": fingerprint, "completed": "false",
                 **{k: _tag(v) for k, v in (tags or {}).items()}}
@@ -234,17 +278,45 @@ def pipeline_run(cfg: Config, fingerprint: str, name: str = "pipeline", tags: di
     run = client.create_run(exp_id, run_name=name, tags=all_tags)
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str("null" if v is None else v))
                                                for k, v in cfg.flat().items()])
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    return run.info.run_id  # left RUNNING: the last task (or `psamf pipeline run`) ends it
 
 
-def complete_pipeline_run(cfg: Config, run_id: str) -> None:
-    """Mark the parent run completed (the last stage does): later runs of the fingerprint start anew."""
+def complete_pipeline_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+    """End the parent run (the last stage does, or `psamf pipeline run` once the DAG is done), so
+    its duration is the pipeline's; FINISHED also marks it completed: later runs start anew."""
     if run_id and enabled():
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri(cfg))
-        mlflow.MlflowClient().set_tag(run_id, "completed", "true")
+        client = mlflow.MlflowClient()
+        if status == "FINISHED":
+            client.set_tag(run_id, "completed", "true")
+        client.set_terminated(run_id, status)
+
+
+def end_pipeline_runs(cfg: Config, fingerprint: str, status: str = "FINISHED",
+                      cached_tasks: int | None = None) -> None:
+    """End every still-running parent run of this fingerprint: under kfp.local's cache the last
+    task may be served from the cache, and then nothing else ends the run its fingerprint opened."""
+    if not enabled():
+        return
+    import mlflow
+
+    try:
+        with _quick_retries():
+            mlflow.set_tracking_uri(tracking_uri(cfg))
+            client = mlflow.MlflowClient()
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            if exp is None:
+                return
+            runs = client.search_runs([exp.experiment_id], f"tags.pipeline_fingerprint = '{fingerprint}' and "
+                                      "tags.stage = 'pipeline' and attributes.status = 'RUNNING'")
+            for run in runs:
+                if cached_tasks is not None:
+                    client.set_tag(run.info.run_id, "cached_tasks", str(cached_tasks))
+                complete_pipeline_run(cfg, run.info.run_id, status)
+    except Exception as e:  # the pipeline's outputs are written; a tracking outage must not fail it
+        log.warning("MLflow: could not end the pipeline run (%s)", str(e).splitlines()[0][:120])
 
 
 def ensure_user(uri: str, username: str, password: str) -> str:

@@ -132,3 +132,48 @@ def test_pretrain_checkpoint_key_changes_with_the_data(tmp_path):
     assert tensor_digest(a) == tensor_digest(b)
     b["audio"][2, 1] = 1e-6
     assert tensor_digest(a) != tensor_digest(b)
+
+
+def test_only_a_missing_key_means_no_checkpoint_a_missing_bucket_stops(s3, tmp_path):
+    """A store that does not answer as a store (here: no such bucket on a real S3 server) is a
+    fault, not an empty store: the run must not silently start from zero."""
+    from psamf.checkpoints import CheckpointStore
+    from psamf.errors import InputError
+
+    assert not CheckpointStore(f"s3://{BUCKET}/ckpt", "train", "k").pull(tmp_path / "a")  # missing key: start afresh
+    with pytest.raises(InputError) as e:
+        CheckpointStore("s3://no-such-bucket/ckpt", "train", "k").pull(tmp_path / "b")
+    msg = str(e.value)
+    assert msg.startswith("checkpoint store s3://no-such-bucket/ckpt: ") and "404 NoSuchBucket" in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("status,code", [(403, "AccessDenied"), (500, "InternalError"), (503, "SlowDown")])
+def test_a_store_error_stops_the_stage_with_one_line_naming_store_and_status(s3, tmp_path, monkeypatch,
+                                                                             status, code):
+    from botocore.exceptions import ClientError
+
+    import psamf.data.source as source
+    from psamf.checkpoints import CheckpointStore
+    from psamf.errors import InputError
+
+    real = source.s3_client
+
+    def failing_client():
+        client = real()
+
+        def refuse(*a, **k):
+            raise ClientError({"Error": {"Code": code, "Message": f"{code} from the store"},
+                               "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+        monkeypatch.setattr(client, "get_object", refuse)
+        monkeypatch.setattr(client, "download_file", refuse)
+        return client
+
+    monkeypatch.setattr(source, "s3_client", failing_client)
+    store = CheckpointStore(f"s3://{BUCKET}/ckpt", "pretrain", "abc")
+    with pytest.raises(InputError) as e:
+        store.pull(tmp_path / "pod")
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint store s3://{BUCKET}/ckpt: ") and f"HTTP {status} {code}" in msg, msg
+    assert "\n" not in msg and not (tmp_path / "pod" / "last.pt").exists()
+

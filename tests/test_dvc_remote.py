@@ -141,3 +141,25 @@ def test_team_remote_push_pull_through_local_s3(tmp_path, monkeypatch):
              and any(s.encode() in p.read_bytes() for s in (key_id, secret))]
     assert not leaks, f"credentials written to {leaks}"
     assert any((work / ".dvc").rglob("*")), "no .dvc files to check"
+
+
+def test_team_remote_is_the_bucket_infra_creates_and_the_docs_use_it():
+    """The committed remote points at the bucket infra's MinIO Job creates and the pipeline's key
+    may write (`dvc/*`), and both READMEs push to that one remote instead of adding another."""
+    import json
+    import re
+
+    bucket, _, prefix = _committed_remote_url()[len("s3://"):].partition("/")
+    docs = list(yaml.safe_load_all((REPO / "infra" / "k8s" / "base" / "minio-buckets.yaml").read_text()))
+    setup = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    created = re.search(r"for bucket in ([\w -]+); do", setup["setup.sh"]).group(1).split()
+    assert bucket in created, f".dvc/config's remote bucket {bucket!r} is not one MinIO creates: {created}"
+    objects = [s["Resource"] for s in json.loads(setup["policy.json"])["Statement"] if "s3:PutObject" in s["Action"]]
+    assert any(f"arn:aws:s3:::{bucket}/*" in r for r in objects), objects
+    for doc in (REPO / "README.md", REPO / "infra" / "README.md"):
+        text = doc.read_text()
+        assert not re.search(r"dvc remote add", text), f"{doc.name} adds a second remote; use `{REMOTE}`"
+        assert f"dvc remote modify --local {REMOTE} endpointurl" in text, doc.name
+        for url in re.findall(r"s3://[\w.-]+/[\w./-]*", text):
+            if "dvc" in url.split("/")[2]:
+                assert url.rstrip("/") == f"s3://{bucket}/{prefix}".rstrip("/"), f"{doc.name}: {url}"

@@ -89,25 +89,32 @@ def test_dvc_source_version_is_the_directory_md5(tmp_path):
         parse_source("ftp://host/x")
 
 
-def test_skip_when_a_completed_run_has_the_fingerprint(smoke_cfg, monkeypatch, tmp_path):
+def test_the_parent_run_spans_the_pipeline_and_tasks_find_it_by_fingerprint(smoke_cfg, monkeypatch, tmp_path):
+    """The fingerprint task opens the parent run and leaves it running; the last task (or `psamf
+    pipeline run`, when that task came from the cache) ends it, so its duration is the pipeline's.
+    A retry of a failed run nests under the same parent; a completed fingerprint starts anew."""
+    import time
+
     import mlflow
 
     from psamf import tracking
-    from psamf.tracking import should_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
-    assert should_run(smoke_cfg, "f" * 16) == (True, "data, code or params changed")
     parent = tracking.pipeline_run(smoke_cfg, "f" * 16, "a")
     assert tracking.pipeline_run(smoke_cfg, "f" * 16, "b") == parent  # a task finds its run from the fingerprint
-    assert should_run(smoke_cfg, "f" * 16)[0]  # not completed yet: a failed run never causes a skip
-    tracking.complete_pipeline_run(smoke_cfg, parent)
-    go, reason = should_run(smoke_cfg, "f" * 16)
-    assert not go and parent in reason
-    assert should_run(smoke_cfg, "f" * 16, force=True)[0]
-    assert should_run(smoke_cfg, "e" * 16)[0]
+    client = mlflow.MlflowClient()
+    assert client.get_run(parent).info.status == "RUNNING" and client.get_run(parent).info.end_time is None
+    time.sleep(0.3)  # the pipeline's tasks
+    tracking.end_pipeline_runs(smoke_cfg, "f" * 16, "FAILED")
+    assert client.get_run(parent).info.status == "FAILED"
+    assert tracking.pipeline_run(smoke_cfg, "f" * 16, "retry") == parent  # a retry nests under it again
+    assert client.get_run(parent).info.status == "RUNNING"
+    tracking.end_pipeline_runs(smoke_cfg, "f" * 16, "FINISHED", cached_tasks=3)
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.info.end_time - run.info.start_time >= 300
+    assert run.data.tags["completed"] == "true" and run.data.tags["cached_tasks"] == "3"
     assert tracking.pipeline_run(smoke_cfg, "f" * 16, "c") != parent  # a new run of a completed fingerprint
-    tags = mlflow.MlflowClient().get_run(parent).data.tags
-    assert tags["pipeline_fingerprint"] == "f" * 16 and tags["completed"] == "true"
+    assert run.data.tags["pipeline_fingerprint"] == "f" * 16
 
 
 @pytest.mark.parametrize("files, expected", [

@@ -4,6 +4,7 @@ method's folder (psamf.mult, psamf.psa_mf) imports the other's."""
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -89,3 +90,45 @@ def test_the_readme_layout_table_names_paths_that_exist():
     # and every folder of the library has a row
     folders = {p.name for p in (REPO / "psamf").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert folders <= {Path(p).name for p in named if p.startswith("psamf/") and p.endswith("/")}
+
+
+def _declared() -> tuple[set[str], dict[str, list[str]]]:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
+    return {name(r) for r in project["dependencies"]}, {
+        k: [name(r) for r in v] for k, v in project["optional-dependencies"].items()}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """What psamf imports, pyproject.toml declares (botocore was imported and undeclared), and what
+    it pins in constraints.txt is used (optuna-integration was pinned and never imported)."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    declared, extras = _declared()
+    dists = packages_distributions()
+    missing = {}
+    for d in ("psamf", "components", "pipelines"):
+        for path in (REPO / d).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                for top in {n.split(".")[0] for n in names}:
+                    if top in sys.stdlib_module_names or top in ("psamf", "components", "pipelines"):
+                        continue
+                    owners = {o.lower().replace("_", "-") for o in dists.get(top, [top])}
+                    if not owners & (declared | set(extras["server"]) | {"dvc-s3"}):
+                        missing.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    # psutil is MLflow's system metrics' (psamf asks MLflow for them), nvidia-ml-py its GPU ones
+    assert "psutil" in declared and "nvidia-ml-py" in extras["gpu"]
+    assert not re.search(r"^optuna-integration==", (REPO / "constraints.txt").read_text(), re.M)
+
+
+def test_the_cuda_image_installs_the_gpu_extra():
+    """MLflow logs GPU system metrics only with nvidia-ml-py; the CPU image has no GPU to read."""
+    cuda = (REPO / "infra" / "Dockerfile.cuda").read_text()
+    assert "['optional-dependencies']['gpu']" in cuda
+    assert "['gpu']" not in (REPO / "infra" / "Dockerfile").read_text()

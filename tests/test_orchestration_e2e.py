@@ -2,8 +2,8 @@
 
 - kfp.local (SubprocessRunner, the README's main command on another profile): every stage runs,
   every stage's MLflow run nests under the pipeline run its fingerprint names, and it ends with
-  a champion; a second run with --skip-unchanged on the same code, data and params is skipped
-  and says so (on a cluster, KFP's cache makes that decision per task).
+  a champion; a second run on the same code, data and params is served task by task from
+  kfp.local's cache (as KFP's cache does on a cluster), and a change of params runs again.
 - `dvc repro` in a throwaway copy of the repo: the same stages run through the CLI, the LOO
   metrics are where `dvc metrics show` finds them, and a second `dvc repro` does nothing.
 
@@ -30,6 +30,15 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> 
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
+
+
+def _task_line(line: str) -> tuple[str, str]:
+    """`[ 3] train          cached      0.0 s` -> ("train", "cached")."""
+    import re
+
+    m = re.match(r"\[\s*\d+\]\s+(\S+)\s+(\w+)", line)
+    assert m, line
+    return m.group(1), m.group(2)
 
 
 def _runs(tmp: Path):
@@ -86,16 +95,31 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     champ = client.get_model_version_by_alias("psamf-psamf", "champion")
     assert str(champ.version) == "1" and champ.tags["gate.verdict"] == "first"
 
-    # The same code, data and params again, skipping when unchanged: nothing retrains, MLflow says why.
-    again = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--skip-unchanged",
-                  "--root", str(tmp_path / "kfp2")], tmp_path, env)
-    assert '"skipped": true' in again.stdout
+    # The parent run spans the pipeline: opened by the first task, ended after the last.
+    p = client.get_run(parent).info
+    assert p.status == "FINISHED" and p.start_time <= min(r.info.start_time for r in runs if r.info.run_id != parent)
+    assert p.end_time >= max(r.info.end_time for r in runs if r.info.run_id != parent and r.info.end_time)
+
+    # The same code, data and params again: kfp.local's cache serves every task but the fingerprint.
+    again = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
+                 tmp_path, env)
+    lines = [_task_line(ln) for ln in again.stderr.splitlines() if ln.startswith("[")]
+    assert len([t for t, how in lines if how == "cached"]) == len(done) - 1, again.stderr[-3000:]
+    assert [t for t, how in lines if how != "cached"] == ["fingerprint"], lines
     client, runs = _runs(tmp_path)
-    skipped = [r for r in runs if r.data.tags.get("skipped") == "true"]
-    assert len(skipped) == 1 and "unchanged" in skipped[0].data.tags["decision_reason"]
-    assert skipped[0].data.tags["pipeline_fingerprint"] == client.get_run(parent).data.tags["pipeline_fingerprint"]
     assert len([r for r in runs if r.data.tags.get("stage") == "ingest"]) == 1  # nothing retrained
     assert len(client.search_model_versions("name = 'psamf-psamf'")) == 1
+    second = [r for r in runs if r.data.tags.get("stage") == "pipeline" and r.info.run_id != parent]
+    assert len(second) == 1 and second[0].info.status == "FINISHED"  # ended, though its last task was cached
+    assert second[0].data.tags["cached_tasks"] == str(len(done) - 1)
+
+    # A change of params misses the cache: the tasks that read it run again.
+    changed = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--set", "train.epochs=2",
+                    "--root", str(tmp_path / "kfp")], tmp_path, env)
+    ran = [_task_line(ln) for ln in changed.stderr.splitlines() if ln.startswith("[")]
+    assert {"ingest", "train", "register"} <= {t for t, how in ran if how == "success"}, changed.stderr[-3000:]
+    client, runs = _runs(tmp_path)
+    assert len([r for r in runs if r.data.tags.get("stage") == "train"]) == 2
 
 
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path):

@@ -198,7 +198,7 @@ def test_dvc_stages_mirror_the_pipeline():
 
 def test_one_k_the_config_dvc_yaml_and_the_pipeline_default_have_the_same_loo_slots(compiled, tmp_path):
     """K (data.loo_users) is set in params.yaml alone: the dataclass default equals it (test_config),
-    dvc.yaml's foreach reads loo_slots.yaml, which `psamf loo-slots` writes from it, and the KFP
+    dvc.yaml's foreach reads dvc_vars.yaml, which `psamf dvc-vars` writes from it, and the KFP
     default is computed from the config when the pipeline is compiled."""
     from psamf.config import Config, load_config, loo_rank_slots
 
@@ -210,9 +210,9 @@ def test_one_k_the_config_dvc_yaml_and_the_pipeline_default_have_the_same_loo_sl
     for stage in ("pretrain", "finetune"):
         assert sorted(int(n.split("@")[1]) for n in names if n.startswith(f"{stage}@")) == slots, stage
     # the committed vars file is what the generator writes now
-    subprocess.run([sys.executable, "-m", "psamf.cli.main", "loo-slots", "--params", str(REPO / "params.yaml"),
-                    "--out", str(tmp_path / "slots.yaml")], check=True, capture_output=True)
-    assert (tmp_path / "slots.yaml").read_text() == (REPO / "loo_slots.yaml").read_text()
+    subprocess.run([sys.executable, "-m", "psamf.cli.main", "dvc-vars", "--params", str(REPO / "params.yaml"),
+                    "--out", str(tmp_path / "vars.yaml")], check=True, capture_output=True)
+    assert (tmp_path / "vars.yaml").read_text() == (REPO / "dvc_vars.yaml").read_text()
 
 
 def test_kfp_local_output_is_one_line_per_task_with_the_rest_in_a_log():
@@ -231,7 +231,9 @@ def test_kfp_local_output_is_one_line_per_task_with_the_rest_in_a_log():
         out.write("06:00:04 - INFO - Executing task 'pretrain'\n")
     time.sleep(0.05)
     out.write("06:00:05 - INFO - Task 'pretrain' finished with status SUCCESS\n" * 2)
+    out.write("06:00:06.3 - INFO - Task train cache hit (key=0123456789ab); skipping execution.\n")
     lines = term.getvalue().splitlines()
+    assert lines.pop() == "[ 5] train          cached      0.0 s" and out.cached == 1  # kfp.local's cache served it
     assert len(lines) == 4 and all(float(ln.split()[-2]) >= 0.05 for ln in lines[2:])
     lines = lines[:2]
     assert lines[0].split()[:3] == ["[", "1]", "ingest"] and "success" in lines[0] and lines[0].endswith(" s")

@@ -132,3 +132,45 @@ def test_log_records_are_masked_by_the_cli_logging(caplog, monkeypatch):
     assert "postgresql://u:***@h/db" in caplog.text
     with pytest.raises(InputError, match="--log-level"):
         configure("LOUD")
+
+
+def test_a_secret_logged_inside_a_kfp_local_task_is_masked(tmp_path, monkeypatch, capfd):
+    """kfp.local swaps the root logging handlers around each task (local_logger_context), which
+    dropped the CLI's RedactFilter, and a task's own process never ran the CLI's logging set-up.
+    The secret must not reach the pipeline's output either way."""
+    from kfp import dsl, local
+    from kfp.local import logging_utils
+
+    from psamf.logs import configure
+
+    secret = "kfp-task-secret-" + secrets.token_hex(8)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    configure("INFO")  # what `psamf demo` / `psamf pipeline run` did before kfp.local took the handlers
+
+    with logging_utils.local_logger_context():  # the parent process under kfp.local's handler
+        logging.getLogger("psamf.parent").warning("parent key %s", secret)
+
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def leaky():  # no annotations: this module's `from __future__ import annotations` makes them strings
+        import logging
+        import os
+
+        from psamf.stages import task
+
+        @task("leaky")
+        def stage():
+            secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+            logging.getLogger("psamf.stage").warning("store key %s, db postgresql://u:%s@db/x", secret, secret)
+
+        stage()
+
+    @dsl.pipeline(name="leak")
+    def leak():
+        leaky()
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    leak()
+    out, err = capfd.readouterr()
+    assert "store key ***" in out + err and "parent key ***" in out + err, (out + err)[-3000:]
+    assert secret not in out + err

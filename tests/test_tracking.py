@@ -72,3 +72,33 @@ def test_training_stages_log_system_metrics_and_the_env_turns_them_off(smoke_cfg
     system = lambda run: [k for k in client.get_run(run.info.run_id).data.metrics if k.startswith("system/")]  # noqa: E731
     assert "system/cpu_utilization_percentage" in system(trained)
     assert system(ingested) == [] and system(off) == []
+
+
+def test_the_experiment_opens_on_training_runs_and_training_runs_log_their_input(smoke_cfg, monkeypatch, tmp_path):
+    """MLflow 3's UI picks an experiment's view from the tag mlflow.experimentKind (none: the GenAI
+    traces view); a training run's Dataset column is its logged input, the prepared data."""
+    import mlflow
+
+    from psamf.data.ingest import ingest
+    from psamf.data.synth import write_synthetic_corpus
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/t.db")
+    monkeypatch.setenv(tracking.SYSTEM_METRICS_ENV, "false")
+    monkeypatch.setenv("PSAMF_TRACKING", "off")
+    write_synthetic_corpus(smoke_cfg)
+    ingest(smoke_cfg)
+    monkeypatch.delenv("PSAMF_TRACKING")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/t.db")
+    client = mlflow.MlflowClient()
+    client.create_experiment(smoke_cfg.tracking.experiment)  # one made before psamf set the kind gets it too
+    with tracking.stage_run(smoke_cfg, "train") as trained:
+        pass
+    with tracking.stage_run(smoke_cfg, "ingest") as ingested:
+        pass
+    exp = client.get_experiment_by_name(smoke_cfg.tracking.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (inp,) = client.get_run(trained.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.name == "synthetic-prepared"
+    assert inp.dataset.digest == tracking.prepared_digest(smoke_cfg.data.prepared_path)
+    assert [t.value for t in inp.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert client.get_run(ingested.info.run_id).inputs.dataset_inputs == []

@@ -5,9 +5,10 @@
     submit      one run on a KFP endpoint
     schedule    a recurring run: max_concurrency 1, no catch-up
 
-On a cluster, KFP's cache skips every task whose inputs (fingerprint: code + data + params)
-are unchanged. kfp.local has no cache, so `run_local(force=False)` checks the fingerprint
-against completed MLflow pipeline runs first (psamf.tracking.should_run) and records a skip.
+KFP's cache skips every task whose inputs (fingerprint: code + data + params) are unchanged, on a
+cluster and locally alike: kfp.local (2.17) keeps its own cache under <pipeline_root>/.kfp_cache
+(`local.init(enable_caching=True, cache_root=...)`) and honours each task's set_caching_options,
+so a second run on unchanged inputs is served task by task; `cache=False` (--no-cache) reruns all.
 `--params FILE` travels as the pipeline parameter `params_yaml` (its text), so a pod that holds
 only the image reads the same keys as the machine that submitted the run.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 PIPELINE_NAME = "psamf-training"
+CACHE_DIR = ".kfp_cache"  # under the pipeline root: kfp.local's cache entries (JSON per task key)
 LOCAL_LOOP_WORKERS = 2  # kfp.local's cap on concurrent ParallelFor iterations (2.17)
 
 
@@ -62,9 +64,10 @@ class TaskLines(io.TextIOBase):
 
     ANSI = re.compile(r"\x1b\[[0-9;]*m")
     EVENT = re.compile(r"(Executing task|Task) '([^']+)'(?: finished with status (\w+))?")
+    CACHED = re.compile(r"Task '?([\w.-]+?)'? cache hit")
 
     def __init__(self, log: io.TextIOBase, term):
-        self.log, self.term, self._buf, self.done = log, term, "", 0
+        self.log, self.term, self._buf, self.done, self.cached = log, term, "", 0, 0
         self._started: dict[str, list[float]] = {}  # a ParallelFor runs same-named tasks side by side
 
     def writable(self) -> bool:
@@ -75,6 +78,13 @@ class TaskLines(io.TextIOBase):
         self._buf += s
         *lines, self._buf = self._buf.split("\n")
         for line in lines:
+            hit = self.CACHED.search(self.ANSI.sub("", line))
+            if hit:
+                self.done += 1
+                self.cached += 1
+                self.term.write(f"[{self.done:>2}] {hit.group(1):<14} {'cached':<8} {0.0:6.1f} s\n")
+                self.term.flush()
+                continue
             m = self.EVENT.search(self.ANSI.sub("", line))
             if m and m.group(1) == "Executing task":
                 self._started.setdefault(m.group(2), []).append(time.perf_counter())
@@ -91,11 +101,12 @@ class TaskLines(io.TextIOBase):
 
 
 def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str | Path = "reports/kfp",
-              force: bool = True, params: str | Path | None = None, data_source: str = "synthetic",
+              cache: bool = True, params: str | Path | None = None, data_source: str = "synthetic",
               run_name: str = "kfp-local", verbose: bool = True) -> dict[str, Any]:
     """Run the whole DAG locally; returns the wall time and the task outputs' root.
 
-    force=False skips the run when a completed pipeline run has the same fingerprint.
+    cache=True serves every cacheable task whose inputs are unchanged from kfp.local's cache in
+    <root>/.kfp_cache (outputs of earlier runs under <root> are reused, so keep them); False reruns all.
     verbose=False prints a line per task and keeps kfp.local's full output in <root>/pipeline.log."""
     import os
 
@@ -106,23 +117,16 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
     from psamf.resources import cpu_count
     from psamf.stages import LOOP_THREADS_ENV, TASK_ERRORS_ENV
 
-    args = pipeline_arguments(profile, overrides, params, data_source, run_name=run_name)
-    if not force:
-        from psamf import tracking
-        from psamf.stages import run_fingerprint
+    from psamf import tracking
+    from psamf.stages import run_fingerprint
 
-        cfg, _, fp, _ = run_fingerprint(args["profile"], args["overrides"], args["params_yaml"], args["data_source"])
-        go, reason = tracking.should_run(cfg, fp)
-        if not go:
-            with tracking.stage_run(cfg, "pipeline", f"{run_name}[skipped]",
-                                    {"pipeline_fingerprint": fp, "skipped": True, "decision_reason": reason}):
-                pass
-            return {"skipped": True, "reason": reason, "fingerprint": fp}
+    args = pipeline_arguments(profile, overrides, params, data_source, run_name=run_name)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # kfp.local runs up to LOCAL_LOOP_WORKERS ParallelFor iterations at once: share the cores.
     os.environ.setdefault(LOOP_THREADS_ENV, str(max(1, cpu_count() // LOCAL_LOOP_WORKERS)))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               enable_caching=cache, cache_root=str(root / CACHE_DIR))
     # A failing task leaves its one-line error here (psamf.stages.task); the run ends with it.
     errors = root / "task-errors"
     shutil.rmtree(errors, ignore_errors=True)
@@ -130,6 +134,8 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
     before = os.environ.get(TASK_ERRORS_ENV)
     os.environ[TASK_ERRORS_ENV] = str(errors)  # kfp.local's task processes inherit it
     t0 = time.perf_counter()
+    lines = None
+    status = "FAILED"
     try:
         if verbose:
             try:
@@ -146,7 +152,8 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
             warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
             warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
             log_path = root / "pipeline.log"
-            with open(log_path, "w") as log, contextlib.redirect_stdout(TaskLines(log, sys.stderr)):
+            lines = TaskLines(open(log_path, "w"), sys.stderr)
+            with lines.log as log, contextlib.redirect_stdout(lines):
                 try:
                     _pipeline()(**args)
                 except BaseException as e:
@@ -157,7 +164,17 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
                     tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
                     sys.stderr.write(TaskLines.ANSI.sub("", tail) + f"\n(full output: {log_path})\n")
                     raise
+        status = "FINISHED"
     finally:
+        # The pipeline's MLflow parent run spans the run: the fingerprint task opened it, and it
+        # ends here (a run served from the cache has no last task to end it).
+        try:
+            cfg, _, fp, _ = run_fingerprint(args["profile"], args["overrides"], args["params_yaml"],
+                                            args["data_source"])
+            tracking.end_pipeline_runs(cfg, fp, status, cached_tasks=lines.cached if lines is not None else None)
+        except Exception:  # the source the run failed on: the run's own error says more
+            if status == "FINISHED":
+                raise
         if before is None:
             os.environ.pop(TASK_ERRORS_ENV, None)
         else:
@@ -165,7 +182,8 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
     # kfp.local keeps each task's outputs under <root>/<run>/<task>/<output>: the newest report page.
     pages = sorted(root.glob("*/report/page"), key=lambda p: p.stat().st_mtime)
     return {"pipeline_root": str(root), "wall_s": round(time.perf_counter() - t0, 1),
-            "report": str(pages[-1]) if pages else None}
+            "report": str(pages[-1]) if pages else None,
+            **({"cached_tasks": lines.cached} if lines is not None else {})}
 
 
 FAILED_RUN = re.compile(r"finished with status FAILURE\. Inner task failed: (.+?)\.?$")

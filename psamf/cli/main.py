@@ -215,23 +215,41 @@ def report_cmd(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOp
     typer.echo(f"personalization report: {summary['files']['html']} ({len(summary['users'])} users)")
 
 
-LOO_SLOTS_FILE = Path("loo_slots.yaml")  # dvc.yaml's `vars`
+DVC_VARS_FILE = Path("dvc_vars.yaml")  # dvc.yaml's `vars`
 
 
-@app.command("loo-slots")
+def dvc_vars_text(cfg) -> str:
+    """dvc.yaml's vars, resolved from the config as `psamf` resolves it (profile merged).
+
+    DVC reads params.yaml's top-level keys only and knows nothing of `profile`, so a path that a
+    profile moves (data.corpus: mosi under `paper`) would be the default's; dvc.yaml uses these
+    instead. DVC refuses a var that params.yaml already defines, hence the `resolved` section."""
+    from psamf.config import loo_rank_slots
+    from psamf.psa_mf.train import default_out_dir
+
+    corpus = cfg.data.corpus
+    resolved = {"profile": cfg.profile, "corpus": corpus, "model_dir": default_out_dir(cfg).as_posix(),
+                "tune_dir": (Path(cfg.tune.out_dir) / corpus).as_posix()}
+    lines = ["# Written by `psamf dvc-vars` (`make dvc_vars.yaml`) from params.yaml with its profile merged; "
+             "do not edit.", f"loo_ranks: {loo_rank_slots(cfg)}", "resolved:"]
+    lines += [f"  {k}: {v}" for k, v in resolved.items()]
+    return "\n".join(lines) + "\n"
+
+
+@app.command("dvc-vars")
 @one_line_errors
-def loo_slots_cmd(params: ParamsOpt = None,
-                  out: Annotated[Path, typer.Option(help="the vars file dvc.yaml reads")] = LOO_SLOTS_FILE) -> None:
-    """Write dvc.yaml's LOO rank slots from data.loo_users (DVC's foreach cannot count to K itself).
+def dvc_vars_cmd(params: ParamsOpt = None,
+                 out: Annotated[Path, typer.Option(help="the vars file dvc.yaml reads")] = DVC_VARS_FILE) -> None:
+    """Write dvc.yaml's vars: the LOO rank slots (DVC's foreach cannot count to data.loo_users) and
+    the paths the profile decides (corpus, model and tune dirs), resolved as every stage resolves them.
 
-    No --profile/--set: `dvc repro` runs with the params file as it is, so the slots must too."""
-    from psamf.config import load_config, loo_rank_slots
+    No --profile/--set: `dvc repro` runs with the params file as it is, so the vars must too."""
+    from psamf.config import load_config
     from psamf.io import write_text
 
-    ranks = loo_rank_slots(load_config(params))
-    write_text(out, "# Written by `psamf loo-slots` (`make loo_slots.yaml`) from params.yaml's data.loo_users; "
-                    f"do not edit.\nloo_ranks: {ranks}\n")
-    typer.echo(f"{out}: loo_ranks {ranks}")
+    text = dvc_vars_text(load_config(params))
+    write_text(out, text)
+    typer.echo(f"{out}:\n{text.split(chr(10), 1)[1]}", nl=False)
 
 
 @app.command("demo")
@@ -239,6 +257,8 @@ def loo_slots_cmd(params: ParamsOpt = None,
 def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None,
          root: Annotated[Path, typer.Option(help="kfp.local pipeline_root (task outputs)")] = Path("reports/kfp"),
          verbose: Annotated[bool, typer.Option("--verbose", help="show kfp.local's full output, not a line per task")] = False,
+         no_cache: Annotated[bool, typer.Option("--no-cache", help="run every task, not only those whose "
+                                                "code, data or params changed (kfp.local's cache)")] = False,
          ) -> None:
     """The main job: the whole pipeline (the KFP DAG, run locally) on the embedded default.
 
@@ -249,10 +269,11 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
     from psamf.tracking import tracking_uri
 
     cfg = config_from(params, profile, set_)
-    result = run_local(cfg.profile, list(set_ or []), root, params=params, verbose=verbose)
+    result = run_local(cfg.profile, list(set_ or []), root, params=params, verbose=verbose, cache=not no_cache)
     listing = list_versions(cfg, registered_name(cfg, "psamf"))
     champ = next((v for v in listing["versions"] if v["champion"]), None)
-    typer.echo(f"pipeline finished in {result['wall_s']} s; task outputs under {result['pipeline_root']}")
+    cached = f" ({result['cached_tasks']} task(s) served from kfp.local's cache)" if result.get("cached_tasks") else ""
+    typer.echo(f"pipeline finished in {result['wall_s']} s{cached}; task outputs under {result['pipeline_root']}")
     if result.get("report"):
         typer.echo(f"personalization report (HTML): {result['report']}")
     if champ is None:

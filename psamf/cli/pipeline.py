@@ -21,14 +21,15 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def run(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None, source: SourceOpt = "synthetic",
             root: Annotated[Path, typer.Option(help="kfp.local pipeline_root (task outputs)")] = Path("reports/kfp"),
-            skip_unchanged: Annotated[bool, typer.Option(
-                "--skip-unchanged", help="skip when a completed run has the same code, data and params")] = False,
+            no_cache: Annotated[bool, typer.Option(
+                "--no-cache", help="run every task; by default kfp.local's cache (<root>/.kfp_cache) "
+                                   "serves each task whose code, data and params are unchanged")] = False,
             verbose: Annotated[bool, typer.Option("--verbose", help="show kfp.local's full output")] = False,
             ) -> None:
         """Run the whole DAG locally with kfp.local's SubprocessRunner (no cluster, no Docker)."""
         from psamf.cli.kfp import run_local
 
-        echo_json(run_local(profile, list(set_ or []), root, force=not skip_unchanged, params=params,
+        echo_json(run_local(profile, list(set_ or []), root, cache=not no_cache, params=params,
                             data_source=source, verbose=verbose))
 
     @pipe.command("compile")

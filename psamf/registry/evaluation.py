@@ -17,18 +17,25 @@ import pandas as pd
 
 from psamf.metrics import CONVENTIONS, regression_metrics
 
+# Conventions MLflow's regressor evaluation already logs under its own name: logged once, there.
+BUILTIN = {"mae": "mean_absolute_error"}
+
+
 def convention_metrics() -> list:
-    """MLflow metrics: `psamf/<key>` for every psamf.metrics convention, and per-segment `abs_error`."""
+    """MLflow metrics: `psamf/<key>` for every psamf.metrics convention MLflow does not log itself
+    (BUILTIN: MAE is `mean_absolute_error`), and per-segment `abs_error`."""
     from mlflow.metrics import MetricValue
     from mlflow.models import make_metric
 
     def conventions(predictions: pd.Series, targets: pd.Series, metrics=None) -> MetricValue:
-        return MetricValue(aggregate_results=regression_metrics(predictions, targets))
+        return MetricValue(aggregate_results={k: v for k, v in regression_metrics(predictions, targets).items()
+                                              if k not in BUILTIN})
 
     def abs_error(predictions: pd.Series, targets: pd.Series, metrics=None) -> MetricValue:
         # Per-row scores are what make MLflow log the evaluation table (one row per segment).
         err = np.abs(np.asarray(predictions, float) - np.asarray(targets, float))
-        return MetricValue(scores=err.tolist(), aggregate_results={"mean": float(err.mean()), "max": float(err.max())})
+        # no "mean": that is MAE, logged once as mean_absolute_error
+        return MetricValue(scores=err.tolist(), aggregate_results={"max": float(err.max())})
 
     # greater_is_better describes the headline, MAE; the other keys are read by their conventions.
     return [make_metric(eval_fn=conventions, greater_is_better=False, name="psamf",

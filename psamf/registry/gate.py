@@ -481,7 +481,7 @@ def register_stage(cfg: Config, which: str, run_id: str | None = None, held_out:
         metrics = evaluate_logged_model(info, serving.dataset_frame(ds, idx), ds.segments["label"].to_numpy()[idx],
                                         name=f"{cfg.data.corpus}-{cfg.registry.eval_split if user is None else user}",
                                         source=str(cfg.data.prepared_path), digest=tsid)
-        tracking.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        # the evaluation logged every metric once (MLflow's names, psamf/<key> for the rest)
         result = register(cfg, run.info.run_id, info.model_uri, metrics, tsid, name, source_key)
         # What the number on the version page is: the gate chose on it, so it is no unbiased estimate.
         score = f"selection score on the {test_name}: the gate chose on it; not an unbiased estimate"
