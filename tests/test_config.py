@@ -334,7 +334,9 @@ def _refused(path, *needles, overrides=()):
     with pytest.raises(InputError) as e:
         load_config(path, "smoke", list(overrides))
     took = time.perf_counter() - t0
-    assert took < 1.0, took
+    # Refused before any expansion: an unbounded loader takes minutes here (and the memory). The
+    # bound only separates that from a refusal on a loaded CI box; it is no speed target.
+    assert took < 30.0, took
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
     return str(e.value)
