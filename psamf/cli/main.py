@@ -283,11 +283,11 @@ def demo(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = No
     typer.echo(f"{listing['model_name']}@champion = v{champ['version']}: {cfg.registry.eval_split} MAE "
                f"{m.get('mae', float('nan')):.3f}, Non0-Acc2 {m.get('non0_acc2', float('nan')):.3f} (the gate's "
                f"selection score; the test numbers are in the train run's metrics.json)")
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
     from psamf.tracking import experiment_link
 
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    exp = MlflowClient(tracking_uri(cfg)).get_experiment_by_name(cfg.tracking.experiment)
     ui = "http://127.0.0.1:5000"
     typer.echo(f"browse: mlflow ui --backend-store-uri {tracking_uri(cfg)}, then "
                f"{experiment_link(ui, exp.experiment_id) if exp else ui}")
