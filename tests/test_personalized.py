@@ -344,3 +344,39 @@ def test_select_chooses_the_knobs_on_selection_speakers_only(corpus, monkeypatch
     assert chosen.finetune.epochs == best["finetune.epochs"] and chosen.finetune.kd_lambda == best["finetune.kd_lambda"]
     trials = (Path(summary["files"]["trials"])).read_text().splitlines()
     assert len(trials) == 1 + cfg.finetune.select_trials
+
+
+def test_the_personalization_page_renders_in_a_real_browser_without_console_messages(corpus, loo_run, tmp_path):
+    """Headless Chromium (Debian's, which .ci/run installs) opens the report page: every LOO user
+    is in the rendered DOM, the page logs no console message (no script error, no resource it
+    failed to load), and a screenshot is kept under the test's tmp dir."""
+    import shutil
+    import subprocess
+
+    from psamf.reports.personalization import build
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    root, cfg = corpus
+    summary = loo_run
+    seg = load_prepared(cfg.data.prepared_path).segments
+    preds = seg[["segment_id", "speaker_id", "split", "label"]].assign(pred=seg["label"] * 0.8)
+    (tmp_path / "model").mkdir()
+    preds[preds.split != "train"].to_csv(tmp_path / "model" / "predictions.csv", index=False)
+    rep = build(Path(summary["files"]["csv"]).with_name("loo_summary.json"), tmp_path / "model", tmp_path / "report")
+    url = Path(rep["files"]["html"]).resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=5000", "--window-size=1400,2000"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert all(u in dom.stdout for u in summary["users"]) and "<img" in dom.stdout
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    shot = tmp_path / "personalization.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+    print(f"screenshot: {shot}")
+
