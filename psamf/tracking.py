@@ -117,6 +117,15 @@ def experiment_link(ui: str, experiment_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+def compare_link(ui: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The MLflow UI's side-by-side comparison of runs (e.g. two registered versions' source runs)."""
+    import json
+    from urllib.parse import quote
+
+    return (f"{ui.rstrip('/')}/#/compare-runs?runs={quote(json.dumps(list(run_ids)))}"
+            f"&experiments={quote(json.dumps([experiment_id]))}")
+
+
 def log_prepared_input(cfg: Config, context: str = "training") -> None:
     """The prepared data as the active run's input dataset (the UI's Dataset column and lineage):
     named <corpus>-prepared, its digest `prepared_digest`, its source the prepared dir."""
