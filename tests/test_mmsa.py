@@ -293,6 +293,13 @@ def _mult(edit=None, csv_edit=None):
     return make
 
 
+def _mult_aligned_dup(d: Path):
+    data, segs = mult_data(aligned=True)
+    data["test"]["id"][1] = data["train"]["id"][0]
+    dump(d / "mosi_data.pkl", data)
+    write_label_csv(d / "label.csv", segs, extra=False)
+
+
 def _dup_csv_row(path: Path):
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines + [lines[5]]) + "\n")
@@ -332,6 +339,9 @@ BAD = {
                                ["split 'valid', key 'id', row 0: id 'noclip' does not parse"]),
     "two_pickles": ("mmsa", lambda d: (_mmsa(lambda x: None)(d), dump(d / "aligned_50.pkl", {})),
                     ["several mmsa pickles here (unaligned_50.pkl, aligned_50.pkl); say which in data.pickle_file"]),
+    "mult_aligned_id_repeats": ("mult", _mult_aligned_dup,
+                                ["mosi_data.pkl", "split 'test', key 'id', row 1: id [03bSnISJMiM, 3, 5] repeats "
+                                 "(first at split 'train', row 0)"]),
     "nonfinite_error": ("mmsa", _mmsa(lambda d: None), ["split 'train', key 'audio', row 0: segment 03bSnISJMiM_1: "
                                                         "1 non-finite values (data.nonfinite=error)"]),
 }

@@ -352,7 +352,13 @@ def read_mult(path: Path, cfg: Config) -> dict[str, Split]:
         out[split] = sp
     # [video, start, end] ids: the clip is the segment's rank by start within its video (1-based).
     by_video: dict[str, list[tuple[float, float, str, int]]] = {}
+    seen: dict[tuple[str, float, float], tuple[str, int]] = {}
     for split, i, video, s, e in timed:
+        if (video, s, e) in seen:  # two rows for one [video, start, end] would get two clip numbers
+            first = seen[(video, s, e)]
+            raise w.err(split, "id", f"id [{video}, {s:g}, {e:g}] repeats (first at split '{first[0]}', "
+                                     f"row {first[1]})", i)
+        seen[(video, s, e)] = (split, i)
         by_video.setdefault(video, []).append((s, e, split, i))
     for video, segs in by_video.items():
         for rank, (_, _, split, i) in enumerate(sorted(segs, key=lambda t: (t[0], t[1]))):
