@@ -521,9 +521,13 @@ def test_export_then_ingest_as_mmsa_gives_the_same_prepared_data(synthetic, tmp_
     b = load_prepared(back.data.prepared_path)
     cols = ["segment_id", "video_id", "speaker_id", "split", "label", "text", "start", "end"]
     assert a.segments[cols].equals(b.segments[cols])
-    assert set(a.arrays) == set(b.arrays)
+    # the exported `text` (the encoder's states) comes back as the corpus's own text features too
+    from psamf.data.prepared import FILE_TEXT
+
+    assert set(b.arrays) - set(a.arrays) == {FILE_TEXT, FILE_TEXT + "_mask"} and set(a.arrays) <= set(b.arrays)
     for k in a.arrays:
         np.testing.assert_array_equal(a.arrays[k], b.arrays[k], err_msg=k)
+    assert b.arrays[FILE_TEXT].shape[:2] == (len(b), T)
     assert b.manifest["dims"] == a.manifest["dims"]
     assert {s: sorted(v) for s, v in a.manifest["folds"].items()} == b.manifest["folds"]
 
@@ -568,3 +572,29 @@ def test_smoke_loo_and_psamf_train_on_an_mmsa_pickle(tmp_path):
     train_personality(cfg)
     r = train_psamf(cfg)
     assert np.isfinite(r["test"]["mae"])
+
+
+def test_mult_can_use_the_files_own_text_features(tmp_path):
+    """`text_features.encoder: file`: MulT reads the pickle's own GloVe `text` (pooled to T like the
+    AV), not the encoder's states; an SDK corpus has none and says so."""
+    from psamf.data.text_features import text_features
+
+    data, segs = mult_data()
+    d = tmp_path / "mult"
+    dump(d / "mosi_data_noalign.pkl", data)
+    write_label_csv(d / "label.csv", segs, extra=False)
+    cfg = cfg_for(tmp_path, "mult", d, "text_features.encoder=file")
+    ingest(cfg)
+    ds = load_prepared(cfg.data.prepared_path)
+    feats, mask, source = text_features(cfg, ds)
+    assert source == "file:mult" and feats.shape == (len(ds), cfg.data.seq_len, 300) and mask.shape == feats.shape[:2]
+    sdk = cfg_for(tmp_path, "sdk", d, "text_features.encoder=file")
+    with pytest.raises(InputError, match="text_features.encoder.*no text features of its own"):
+        text_features(sdk, _without_file_text(ds))
+
+
+def _without_file_text(ds):
+    from psamf.data.prepared import FILE_TEXT, PreparedDataset
+
+    return PreparedDataset(ds.segments, {k: v for k, v in ds.arrays.items() if not k.startswith(FILE_TEXT)},
+                           ds.manifest)

@@ -49,7 +49,7 @@ import pandas as pd
 from psamf.config import PICKLE_FORMATS, Config
 from psamf.data.align import pool_or_pad
 from psamf.data.layout import check_id
-from psamf.data.prepared import MODALITIES, SPLITS, PreparedDataset, stack_arrays
+from psamf.data.prepared import FILE_TEXT, MODALITIES, SPLITS, PreparedDataset, stack_arrays
 from psamf.data.safe_pickle import ARRAY_GLOBALS, restricted_load
 from psamf.errors import InputError
 from psamf.fingerprint import file_sha256
@@ -117,6 +117,7 @@ class Split:
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # psamf_*_len
     start: np.ndarray | None = None
     end: np.ndarray | None = None
+    text_feats: np.ndarray | None = None             # the file's own `text` features [N, L, D], if any
 
 
 class _Where:
@@ -281,11 +282,14 @@ def read_mmsa(path: Path, cfg: Config) -> dict[str, Split]:
             if key in d:
                 _rows(w, split, d, key, n, "id")
         _check_text_bert(w, split, d, n)
+        file_text = d.get("text")
         av = {m: _sequence(w, split, d, FILE_KEY[m], n, "id") for m in MODALITIES}
         lengths = {m: _lengths(w, split, d, f"{FILE_KEY[m]}_lengths", n, av[m].shape[1], "id") for m in MODALITIES}
         labels = _numbers(w, split, d, "regression_labels", n, "id")
         _in_range(w, split, "regression_labels", labels, lo, hi, shown)
         sp = Split(videos, clips, labels, av, lengths, texts)
+        if isinstance(file_text, np.ndarray) and file_text.ndim == 3 and file_text.dtype.kind == "f":
+            sp.text_feats = file_text
         for u in UNIMODAL:
             key = f"regression_labels_{u}"
             if key in d:
@@ -346,7 +350,7 @@ def read_mult(path: Path, cfg: Config) -> dict[str, Split]:
             raise w.err(split, "text", f"must be an [N, L, D] array, got {getattr(text, 'shape', None)}")
         labels = _numbers(w, split, d, "labels", n, "id")
         _in_range(w, split, "labels", labels, lo, hi, shown)
-        sp = Split(videos, clips, labels, av, {m: None for m in MODALITIES})
+        sp = Split(videos, clips, labels, av, {m: None for m in MODALITIES}, text_feats=text)
         if any(not c for c in clips):
             sp.start, sp.end = starts, ends
         out[split] = sp
@@ -454,6 +458,8 @@ def build_from_pickle(cfg: Config) -> tuple[PreparedDataset, dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     excluded: list[dict[str, str]] = []
     per_mod: dict[str, list] = {f"{m}{k}": [] for m in MODALITIES for k in ("", "_len", "_mask")}
+    file_text: list[tuple[np.ndarray, np.ndarray]] | None = (
+        [] if all(splits[s].text_feats is not None for s in SPLITS) else None)
     nonfinite = {m: 0 for m in MODALITIES}
     folds: dict[str, set[str]] = {s: set() for s in SPLITS}
     video_end: dict[str, float] = {}
@@ -495,6 +501,10 @@ def build_from_pickle(cfg: Config) -> tuple[PreparedDataset, dict[str, Any]]:
             per_mod[m].append(pooled)
             per_mod[f"{m}_len"].append(int(sp.frames[m][i]) if m in sp.frames else len(x))
             per_mod[f"{m}_mask"].append(mask)
+        if file_text is not None:  # the file's own text features, for `text_features.encoder: file`
+            x = _real_steps(np.nan_to_num(sp.text_feats[i].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0),
+                            None)
+            file_text.append(pool_or_pad(x, T))
         rows.append({"segment_id": seg, "video_id": video, "speaker_id": video, "split": split,
                      "label": float(sp.labels[i]), "text": text, "start": start, "end": end, **unimodal})
     if not rows:
@@ -505,6 +515,9 @@ def build_from_pickle(cfg: Config) -> tuple[PreparedDataset, dict[str, Any]]:
                                                f"e.g. {orphans[0]} (data.orphan_transcripts=error)")
     segments = pd.DataFrame(rows)
     arrays = stack_arrays(per_mod)
+    if file_text is not None:
+        arrays[FILE_TEXT] = np.stack([f for f, _ in file_text]).astype(np.float32)
+        arrays[FILE_TEXT + "_mask"] = np.stack([m for _, m in file_text])
     manifest = {
         "corpus": corpus,
         "format": fmt,

@@ -29,6 +29,9 @@ EMOTION_COLUMNS = [f"emo_{e}" for e in LABEL_COLUMNS["mosei"][1:]]
 UNIMODAL_COLUMNS = ["label_T", "label_A", "label_V"]  # SIMS's unimodal labels (pickle formats); read by no model
 EXTRA_COLUMNS = EMOTION_COLUMNS + UNIMODAL_COLUMNS
 MODALITIES = ("audio", "visual")
+# A pickle corpus's own text features (MMSA's BERT or MulT's GloVe `text`), pooled/padded to T like
+# the AV arrays, with FILE_TEXT + "_mask"; `text_features.encoder: file` feeds them to MulT.
+FILE_TEXT = "text_file"
 SPLITS = ("train", "valid", "test")
 
 

@@ -2,6 +2,8 @@
 
 - If the corpus directory has the SDK's word vectors (`<PREFIX>_TimestampedWordVectors.csd`),
   they are cut to each segment's interval and pooled/padded like the other modalities.
+- With `text_features.encoder: file`, a pickle corpus's own text features (MMSA's `text`, MulT's
+  GloVe `text`), which ingest pooled/padded to T (`FILE_TEXT` in the prepared arrays).
 - Otherwise the frozen pre-trained encoder (`text_features.encoder`, default the offline
   MiniLM) embeds each segment's words; its token states, truncated/padded to T, are the
   sequence. Computed once and cached on disk, keyed by the encoder, T and the texts.
@@ -19,7 +21,7 @@ from psamf.config import Config
 from psamf.data.align import frames_in, pool_or_pad
 from psamf.data.csd import read_csd
 from psamf.data.layout import PREFIX
-from psamf.data.prepared import PreparedDataset
+from psamf.data.prepared import FILE_TEXT, PreparedDataset
 from psamf.io import atomic_path
 
 BATCH = 64
@@ -75,6 +77,13 @@ def encode_texts(encoder: str, texts: list[str], T: int) -> tuple[np.ndarray, np
 def text_features(cfg: Config, ds: PreparedDataset) -> tuple[np.ndarray, np.ndarray, str]:
     """(features [N,T,D], mask [N,T], source) for the prepared dataset, cached."""
     T = cfg.data.seq_len
+    if cfg.text_features.encoder == "file":
+        if FILE_TEXT not in ds.arrays:
+            from psamf.errors import InputError
+
+            raise InputError("text_features.encoder", "file: the prepared corpus has no text features of its own "
+                                                      "(only an MMSA or MulT pickle with a `text` array has them)")
+        return ds.arrays[FILE_TEXT], ds.arrays[FILE_TEXT + "_mask"], f"file:{ds.manifest.get('format', '?')}"
     wv = word_vectors_path(cfg)
     if wv is not None:
         f, m = from_word_vectors(wv, ds, T)
