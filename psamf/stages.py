@@ -51,15 +51,32 @@ def task(name: str):
 
             install_redaction()  # a kfp.local/KFP task process never ran the CLI's logging set-up
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
             except Exception as e:
                 record_task_error(name, e)
                 raise
+            for a in (*args, *kwargs.values()):
+                write_metrics_file(a)
+            return out
 
         run.task_name = name  # type: ignore[attr-defined]
         return run
 
     return wrap
+
+
+def write_metrics_file(sink: Any) -> None:
+    """A KFP Metrics output keeps its numbers in metadata and nothing writes its file. kfp.local's
+    cache treats an output whose file is missing as a miss, so no task with metrics would ever be
+    served from it: write the numbers to the file as well."""
+    path = getattr(sink, "path", None)
+    if path and callable(getattr(sink, "log_metric", None)) and not os.path.exists(path):
+        import json
+
+        from psamf.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(getattr(sink, "metadata", {}) or {}, sort_keys=True) + "\n")
 
 
 def record_task_error(name: str, e: BaseException) -> dict[str, Any]:

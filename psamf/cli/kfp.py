@@ -16,6 +16,8 @@ This is the only library module that imports pipelines/.
 """
 from __future__ import annotations
 
+import contextlib
+
 import io
 import re
 import time
@@ -100,6 +102,36 @@ class TaskLines(io.TextIOBase):
         self.log.flush()
 
 
+@contextlib.contextmanager
+def cache_hits_to(lines: "TaskLines"):
+    """kfp.local reports a cache hit with logging.info on the root logger, outside the logging
+    context it sets up for running a task, so at the default WARNING level the hit is never
+    recorded. For the run: root at INFO, a handler that passes the hits (and nothing else) to
+    `lines`, and the root's other handlers held at their old threshold so nothing else shows."""
+    import logging
+
+    class Hits(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "cache hit" in msg:
+                lines.write(msg + "\n")
+
+    root = logging.getLogger()
+    level, handler = root.level, Hits(logging.INFO)
+    held = [(h, h.level) for h in root.handlers]
+    for h, old in held:
+        h.setLevel(max(old, level))
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        for h, old in held:
+            h.setLevel(old)
+
+
 def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str | Path = "reports/kfp",
               cache: bool = True, params: str | Path | None = None, data_source: str = "synthetic",
               run_name: str = "kfp-local", verbose: bool = True) -> dict[str, Any]:
@@ -143,7 +175,6 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
             except RuntimeError as e:
                 raise task_failure(e, errors, None) or e
         else:
-            import contextlib
             import sys
             import warnings
 
@@ -153,7 +184,7 @@ def run_local(profile: str | None, overrides: Sequence[str], pipeline_root: str 
             warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
             log_path = root / "pipeline.log"
             lines = TaskLines(open(log_path, "w"), sys.stderr)
-            with lines.log as log, contextlib.redirect_stdout(lines):
+            with lines.log as log, contextlib.redirect_stdout(lines), cache_hits_to(lines):
                 try:
                     _pipeline()(**args)
                 except BaseException as e:
