@@ -9,7 +9,7 @@ PROFILE ?= demo
 WHEELS ?= $(HOME)/.cache/psamf/wheels
 FIND_LINKS := $(if $(wildcard $(WHEELS)/*.whl),--find-links $(WHEELS),)
 
-.PHONY: venv demo test clean wheels
+.PHONY: venv demo test browser clean wheels
 
 venv: $(VENV)/.installed
 
@@ -26,8 +26,14 @@ wheels: venv
 demo: venv
 	$(BIN)/psamf demo --profile $(PROFILE)
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest -q
+
+# The browser tests (MLflow UI, the personalization page) drive Debian's headless Chromium; they
+# skip without it. Installed when missing and apt can (root); otherwise say so and go on.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the browser tests will skip" >&2
 
 # dvc.yaml's vars follow params.yaml with its profile merged: the LOO rank slots (DVC's foreach
 # cannot count) and the corpus-named paths (DVC reads only params.yaml's top-level keys).

@@ -393,11 +393,12 @@ class FinetuneConfig(_Checked):
     support_pool: float = 0.5
     # `psamf loo --select`: Optuna trials over the fine-tuning knobs, scored on selection speakers.
     select_trials: int = 20
-    epochs: int = 10
+    # epochs .. kd_lambda: chosen by `psamf loo --select` on selection speakers (params.yaml says where)
+    epochs: int = 6
     dropout: bool = False
-    lr_base: float = 1e-4
-    lr_adapter: float = 1e-3
-    kd_lambda: float = 0.6
+    lr_base: float = 4.5e-4
+    lr_adapter: float = 8.3e-4
+    kd_lambda: float = 0.8
     seed: int = 0
     out_dir: str = "reports/loo"
 

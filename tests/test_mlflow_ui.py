@@ -1,5 +1,5 @@
 """The MLflow UI as a user opens it, in a real browser (headless Chromium, Debian's `chromium`;
-`.ci/run` installs it): `mlflow server` on loopback over a store that psamf's tracking code filled
+`make test` installs it): `mlflow server` on loopback over a store that psamf's tracking code filled
 (the experiment as `tracking.ensure_experiment` makes it, two training runs with their input
 dataset, two registered versions, `@champion` set the way the gate sets it). Checks: the
 experiment page lists the training runs (not the GenAI traces view), the registered model page
@@ -17,7 +17,7 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium; "
-                                                         ".ci/run installs it): no browser to drive the MLflow UI")
+                                                         "make test installs it): no browser to drive the MLflow UI")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=1400,1000"]

@@ -347,7 +347,7 @@ def test_select_chooses_the_knobs_on_selection_speakers_only(corpus, monkeypatch
 
 
 def test_the_personalization_page_renders_in_a_real_browser_without_console_messages(corpus, loo_run, tmp_path):
-    """Headless Chromium (Debian's, which .ci/run installs) opens the report page: every LOO user
+    """Headless Chromium (Debian's, which `make test` installs) opens the report page: every LOO user
     is in the rendered DOM, the page logs no console message (no script error, no resource it
     failed to load), and a screenshot is kept under the test's tmp dir."""
     import shutil
@@ -357,7 +357,7 @@ def test_the_personalization_page_renders_in_a_real_browser_without_console_mess
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+        pytest.skip("chromium not installed (apt-get install chromium; `make test` installs it)")
     root, cfg = corpus
     summary = loo_run
     seg = load_prepared(cfg.data.prepared_path).segments
