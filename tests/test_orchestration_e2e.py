@@ -32,13 +32,12 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> 
     return p
 
 
-def _task_line(line: str) -> tuple[str, str]:
-    """`[ 3] train          cached      0.0 s` -> ("train", "cached")."""
+def _tasks(stderr: str) -> list[tuple[str, str]]:
+    """Every `[ 3] train          cached      0.0 s` line -> ("train", "cached"), found anywhere in
+    the output: a task process's own stderr (progress bars) can share a line with ours."""
     import re
 
-    m = re.match(r"\[\s*\d+\]\s+(\S+)\s+(\w+)", line)
-    assert m, line
-    return m.group(1), m.group(2)
+    return re.findall(r"\[\s*\d+\] (\S+)\s+(success|failed|cached)\s+[\d.]+ s", stderr)
 
 
 def _runs(tmp: Path):
@@ -54,8 +53,8 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     first = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
                  tmp_path, env)
     # A line per task on the terminal, kfp.local's full output in a log beside the task outputs.
-    done = [ln for ln in first.stderr.splitlines() if ln.startswith("[") and ln.rstrip().endswith(" s")]
-    assert len(done) >= 13 and all("success" in ln for ln in done), first.stderr[-3000:]
+    done = _tasks(first.stderr)
+    assert len(done) >= 13 and all(how == "success" for _, how in done), first.stderr[-3000:]
     assert "executor_input" not in first.stdout + first.stderr
     assert "Executing task" in (tmp_path / "kfp" / "pipeline.log").read_text()
 
@@ -103,7 +102,7 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     # The same code, data and params again: kfp.local's cache serves every task but the fingerprint.
     again = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
                  tmp_path, env)
-    lines = [_task_line(ln) for ln in again.stderr.splitlines() if ln.startswith("[")]
+    lines = _tasks(again.stderr)
     assert len([t for t, how in lines if how == "cached"]) == len(done) - 1, again.stderr[-3000:]
     assert [t for t, how in lines if how != "cached"] == ["fingerprint"], lines
     client, runs = _runs(tmp_path)
@@ -116,7 +115,7 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     # A change of params misses the cache: the tasks that read it run again.
     changed = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--set", "train.epochs=2",
                     "--root", str(tmp_path / "kfp")], tmp_path, env)
-    ran = [_task_line(ln) for ln in changed.stderr.splitlines() if ln.startswith("[")]
+    ran = _tasks(changed.stderr)
     assert {"ingest", "train", "register"} <= {t for t, how in ran if how == "success"}, changed.stderr[-3000:]
     client, runs = _runs(tmp_path)
     final = [r for r in runs if r.data.tags.get("stage") == "train" and not r.data.tags.get("trial")]
