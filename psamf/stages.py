@@ -178,7 +178,7 @@ def log_metrics(sink: MetricsSink | None, values: dict[str, Any], prefix: str = 
 def run_fingerprint(profile: str, overrides: Sequence[str], params_yaml: str,
                     data_source: str) -> tuple[Config, str, str, str]:
     """(config, data version, fingerprint, params text) of a pipeline run: what its `fingerprint`
-    task computes, and what `psamf pipeline run --skip-unchanged` checks before it starts."""
+    task computes (and `run_local` recomputes to end the run's MLflow parent)."""
     from psamf.config import default_params_path
     from psamf.data.source import source_version
     from psamf.fingerprint import pipeline_fingerprint
