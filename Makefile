@@ -26,8 +26,9 @@ wheels: venv
 demo: venv
 	$(BIN)/psamf demo --profile $(PROFILE)
 
+# One pytest worker per core (pytest-xdist), a file to a worker: module fixtures are built once.
 test: venv browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The browser tests (MLflow UI, the personalization page) drive Debian's headless Chromium; they
 # skip without it. Installed when missing and apt can (root); otherwise say so and go on.

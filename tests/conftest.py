@@ -12,6 +12,20 @@ SHARED = Path(os.environ.get("PSAMF_SHARED_DATA", REPO.parent / "shared" / "data
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one torch thread each (and in the stage processes
+    # they start), or four threads fight over two cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end (`slow`) tests first: under xdist's loadfile each file goes whole to the next
+    free worker, so the minutes-long files start at once, on different workers, and the short ones
+    fill in around them instead of queueing behind them at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,64 +1,32 @@
-"""The whole pipeline, end to end on the smoke profile, through both orchestrators:
+"""The whole pipeline, end to end on the smoke profile, through kfp.local (SubprocessRunner, the
+README's main command on another profile): every stage runs, every stage's MLflow run nests under
+the pipeline run its fingerprint names, and it ends with a champion; a second run on the same code,
+data and params is served task by task from kfp.local's cache (as KFP's cache does on a cluster),
+and a change of params runs again. tests/test_dvc_e2e.py does the same through `dvc repro`.
 
-- kfp.local (SubprocessRunner, the README's main command on another profile): every stage runs,
-  every stage's MLflow run nests under the pipeline run its fingerprint names, and it ends with
-  a champion; a second run on the same code, data and params is served task by task from
-  kfp.local's cache (as KFP's cache does on a cluster), and a change of params runs again.
-- `dvc repro` in a throwaway copy of the repo: the same stages run through the CLI, the LOO
-  metrics are where `dvc metrics show` finds them, and a second `dvc repro` does nothing.
-
-Each runs in its own temp dir: nothing lands in the checkout.
+It runs in its own temp dir: nothing lands in the checkout.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from bench.pipeline import BIN, REPO, env_for, prepare_dvc_repo
+from bench.pipeline import BIN, REPO
+from tests.e2e import e2e_env, mlflow_runs, run_ok, task_lines
 
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    return {**env_for(tmp), "PSAMF_TRACKING": "on"}
-
-
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p
-
-
-def _tasks(stderr: str) -> list[tuple[str, str]]:
-    """Every `[ 3] train          cached      0.0 s` line -> ("train", "cached"), found anywhere in
-    the output: a task process's own stderr (progress bars) can share a line with ours."""
-    import re
-
-    return re.findall(r"\[\s*\d+\] (\S+)\s+(success|failed|cached)\s+[\d.]+ s", stderr)
-
-
-def _runs(tmp: Path):
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlruns.db")
-    exp = client.get_experiment_by_name("psamf")
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
-
-
 def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
-    env = {**_env(tmp_path), "PSAMF_PARAMS": str(REPO / "params.yaml")}
-    first = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
+    env = {**e2e_env(tmp_path), "PSAMF_PARAMS": str(REPO / "params.yaml")}
+    first = run_ok([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
                  tmp_path, env)
     # A line per task on the terminal, kfp.local's full output in a log beside the task outputs.
-    done = _tasks(first.stderr)
+    done = task_lines(first.stderr)
     assert len(done) >= 13 and all(how == "success" for _, how in done), first.stderr[-3000:]
     assert "executor_input" not in first.stdout + first.stderr
     assert "Executing task" in (tmp_path / "kfp" / "pipeline.log").read_text()
 
-    client, runs = _runs(tmp_path)
+    client, runs = mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 1, [r.data.tags for r in parents]
     parent = parents[0].info.run_id
@@ -100,14 +68,14 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     assert p.end_time >= max(r.info.end_time for r in runs if r.info.run_id != parent and r.info.end_time)
 
     # The same code, data and params again: kfp.local's cache serves every task but the fingerprint.
-    again = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
+    again = run_ok([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--root", str(tmp_path / "kfp")],
                  tmp_path, env)
-    lines = _tasks(again.stderr)
+    lines = task_lines(again.stderr)
     # every task but the fingerprint is served (a task line of the first run can be garbled by a
     # task's own progress output, so its count is a lower bound, not the DAG's size)
     assert len(lines) >= len(done) and len(lines) >= 13, again.stderr[-3000:]
     assert [t for t, how in lines if how != "cached"] == ["fingerprint"], lines
-    client, runs = _runs(tmp_path)
+    client, runs = mlflow_runs(tmp_path)
     assert len([r for r in runs if r.data.tags.get("stage") == "ingest"]) == 1  # nothing retrained
     assert len(client.search_model_versions("name = 'psamf-psamf'")) == 1
     second = [r for r in runs if r.data.tags.get("stage") == "pipeline" and r.info.run_id != parent]
@@ -115,39 +83,10 @@ def test_kfp_local_runs_the_whole_pipeline_and_ends_with_a_champion(tmp_path):
     assert second[0].data.tags["cached_tasks"] == str(len(lines) - 1)
 
     # A change of params misses the cache: the tasks that read it run again.
-    changed = _run([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--set", "train.epochs=2",
+    changed = run_ok([str(BIN / "psamf"), "pipeline", "run", "--profile", "smoke", "--set", "train.epochs=2",
                     "--root", str(tmp_path / "kfp")], tmp_path, env)
-    ran = _tasks(changed.stderr)
+    ran = task_lines(changed.stderr)
     assert {"ingest", "train", "register"} <= {t for t, how in ran if how == "success"}, changed.stderr[-3000:]
-    client, runs = _runs(tmp_path)
+    client, runs = mlflow_runs(tmp_path)
     final = [r for r in runs if r.data.tags.get("stage") == "train" and not r.data.tags.get("trial")]
     assert len(final) == 2  # one final train per run that trained (tune trials are train runs too)
-
-
-def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path):
-    repo = tmp_path / "repo"
-    env = _env(tmp_path)
-    # copy of the checkout on the smoke profile, smoke corpus built and `dvc add`ed
-    prepare_dvc_repo(repo, "smoke", lambda cmd, cwd: _run(cmd, cwd, env))
-    dvc = [sys.executable, "-m", "dvc"]
-
-    first = _run([*dvc, "repro"], repo, env, timeout=1200)
-    for stage in ("ingest", "validate", "personality", "pretrain@0", "finetune@1", "loo_report", "tune",
-                  "train", "register"):
-        assert f"Running stage '{stage}'" in first.stdout, stage
-    assert (repo / "reports/register/psamf.json").is_file()
-    assert "Running stage 'report'" in first.stdout
-    assert "PSA-MF" in (repo / "reports/personalization/personalization.html").read_text()
-    metrics = _run([*dvc, "metrics", "show", "--json"], repo, env).stdout
-    assert "fs_ua_kd.MAE" in metrics and "kd_mae_gain" in metrics
-    import json
-    plots = json.loads(_run([*dvc, "plots", "show", "--json"], repo, env).stdout)["data"]
-    curves = plots["psamf_training_curves"][0]["content"]["data"]["values"]
-    assert curves and {"epoch", "valid_mae"} <= set(curves[0])  # one point per epoch
-    assert plots["tune_trials"][0]["content"]["data"]["values"]
-
-    second = _run([*dvc, "repro"], repo, env)
-    assert "Running stage" not in second.stdout, second.stdout
-    assert "up to date" in second.stdout.lower()
-    status = _run([*dvc, "status"], repo, env).stdout
-    assert "up to date" in status.lower(), status
