@@ -104,11 +104,10 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
     By default reads <finetune.out_dir>/<corpus>/<user>.json for the LOO users; orchestrators
     that kept each user's report elsewhere pass `report_files` instead (skipped slots' markers
     among them are passed over)."""
-    import html
     import json
 
-    from psamf.reports.html import (ci_bars, conventions_note, embed_png, html_page, html_table, markdown_table,
-                               provenance, save_figure, write_csv, write_text)
+    from psamf.reports.html import (ci_bars, conventions_note, markdown_table, provenance, render, save_figure,
+                                    write_csv, write_text)
 
     if report_files is not None:
         by_user = {}
@@ -153,8 +152,7 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
           f"\n{first['k_shot']}-shot support sets, {first['draws']} seeded draws per user "
           f"({'stratified' if first['stratified'] else 'uniform'}), KD λ = {first['kd_lambda']}. "
           "Cells are per-user means over draws; `[lo, hi]` is the 95% t-interval over draws.\n"]
-    page = [f"<h1>Personalized MulT: leave-one-out few-shot results ({len(users)} users)</h1>",
-            f"<p>{html.escape(md[1] + md[2])}</p>"]
+    tables = []
     for v in VARIANTS:
         sub = df[df.variant == v]
         heads = [HEADINGS.get(n, n) for n in TABLE_METRICS]
@@ -164,9 +162,8 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
         md += [f"\n## {VARIANT_NAMES[v]}\n", markdown_table(
             table_rows + [{"User": "**Average**", **{HEADINGS.get(n, n): f"**{averages[v][n]:.3f}**" for n in TABLE_METRICS}}],
             ["User", *heads])]
-        page += [f"<h2>{VARIANT_NAMES[v]}</h2>", html_table(
-            table_rows + [{"User": "Average", **{HEADINGS.get(n, n): f"{averages[v][n]:.3f}" for n in TABLE_METRICS}}],
-            ["User", *heads])]
+        tables.append({"name": VARIANT_NAMES[v], "columns": ["User", *heads], "rows": table_rows + [
+            {"User": "Average", **{HEADINGS.get(n, n): f"{averages[v][n]:.3f}" for n in TABLE_METRICS}}]})
     md += [f"\nMean over users of (baseline MAE − FS-UA-KD MAE): {kd_gain['mean']:.4f} "
            f"[{kd_gain['lo']:.4f}, {kd_gain['hi']:.4f}] (95% CI; > 0 means KD fine-tuning lowered MAE).\n",
            "\n" + conventions_note(list(TABLE_METRICS.values()))]
@@ -176,10 +173,9 @@ def loo_report(cfg: Config, users: list[str] | None = None, report_files: list[P
     fig = ci_bars(df, users, "variant", VARIANT_NAMES, {"Acc2_Non0": "Acc2 (Non0)", "MAE": "MAE (lower is better)"},
                   "Personalized MulT, leave-one-out few-shot (mean ± 95% CI over draws)")
     save_figure(fig, out / "loo_chart.png")
-    # The same tables and the chart as one page: what the KFP UI renders for the loo-report task.
-    page += [f"<p>{html.escape(md[-2].strip())}</p>", embed_png(out / "loo_chart.png", "per-user Acc2 and MAE"),
-             f"<pre>{html.escape(md[-1].strip())}</pre>"]
-    write_text(out / "loo_report.html", html_page("psamf LOO report", "\n".join(page)))
+    write_text(out / "loo_report.html", render("loo.html.j2", title="psamf LOO report", users=users,
+                                               intro=md[1] + md[2], tables=tables, gain_line=md[-2].strip(),
+                                               chart=out / "loo_chart.png", conventions=md[-1].strip()))
     summary = {"corpus": cfg.data.corpus, "av_simulated": first["av_simulated"], "users": users,
                "averages": averages, "kd_mae_gain": kd_gain, "metric_keys": TABLE_METRICS,
                "k_shot": first["k_shot"], "draws": first["draws"], "kd_lambda": first["kd_lambda"],

@@ -1,10 +1,14 @@
 """Small report writers shared by the stages: Markdown tables, CSV, figures, provenance lines."""
 from __future__ import annotations
 
+import base64
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup, escape
 
 from psamf.io import atomic_path, write_text
 from psamf.metrics import CONVENTIONS
@@ -78,37 +82,51 @@ def ci_bars(df: pd.DataFrame, users: Sequence[str], group_col: str, groups: dict
     return fig
 
 
-CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px}"
-       ".ci{color:#666;font-size:11px}.best{background:#e6f4e6}.nan{color:#a00}"
-       ".caveat{background:#fff4e0;border-left:4px solid #f0a020;padding:.6em 1em}img{max-width:100%}")
+def _num(x: Any, digits: int = 3, scale: float = 1.0) -> str:
+    """A number for a page: `digits` decimals after `scale`; None or NaN shows as n/a."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x * scale:.{digits}f}"
+
+
+def _md_code(text: str) -> Markup:
+    """Escape, then show Markdown `code` spans (the provenance line's) as <code>."""
+    parts = str(escape(text)).split("`")
+    return Markup("".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)))
+
+
+def embed_png(path: str | Path, alt: str) -> Markup:
+    """An <img> carrying the PNG itself, so the page needs no other file."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return Markup('<img alt="{}" src="data:image/png;base64,{}">').format(alt, data)
+
+
+def _is_nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+# Autoescape on: user names, notes and config values reach the pages. StrictUndefined: a template
+# that names a missing value fails at build time instead of printing an empty cell.
+PAGES = Environment(loader=PackageLoader("psamf.reports", "templates"), autoescape=select_autoescape(["j2", "html"]),
+                    undefined=StrictUndefined, keep_trailing_newline=True)
+PAGES.filters.update(num=_num, md_code=_md_code, fmt=fmt)
+PAGES.tests["nan"] = _is_nan
+PAGES.globals["png"] = embed_png
+
+
+def render(template: str, **context: Any) -> str:
+    """One page from psamf/reports/templates/<template>."""
+    return PAGES.get_template(template).render(**context)
 
 
 def html_page(title: str, body: str) -> str:
-    """A self-contained page (KFP's HTML viewer and MLflow show it as one file)."""
-    import html
-
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+    """A page around an already-built HTML body (the LOO and tune reports)."""
+    return render("page.html.j2", title=title, body=Markup(body))
 
 
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    import html
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def embed_png(path: str | Path, alt: str) -> str:
-    """An <img> carrying the PNG itself, so the page needs no other file."""
-    import base64
-    import html
-
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return render("table.html.j2", rows=rows, columns=columns)
 
 
 __all__ = ["fmt", "markdown_table", "provenance", "conventions_note", "write_csv", "save_figure", "write_text",
-           "ci_bars", "html_page", "html_table", "embed_png"]
+           "ci_bars", "html_page", "html_table", "embed_png", "render"]

@@ -16,7 +16,6 @@ is pure aggregation: no model is loaded and it runs in seconds anywhere.
 """
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from psamf.config import Config
 from psamf.errors import InputError
 from psamf.io import read_json, write_json, write_text
 from psamf.metrics import CONVENTIONS
-from psamf.reports.html import ci_bars, embed_png, html_page, provenance, save_figure, write_csv
+from psamf.reports.html import ci_bars, provenance, render, save_figure, write_csv
 from psamf.stats import bootstrap_ci, mean_ci
 
 METRICS = {"MAE": "mae", "Corr": "corr", "Non0-Acc2": "non0_acc2"}
@@ -191,51 +190,6 @@ def _forest(kd: list[dict[str, Any]], overall: dict[str, float]):
 
 # ---- HTML ----------------------------------------------------------------------------------
 
-def _cell(row: pd.Series, name: str) -> str:
-    v, lo, hi = row[name], row[f"{name}_lo"], row[f"{name}_hi"]
-    if isinstance(v, float) and math.isnan(v):
-        return '<td class="nan">n/a</td>'
-    ci = "" if (isinstance(lo, float) and math.isnan(lo)) else f' <span class="ci">[{lo:.3f}, {hi:.3f}]</span>'
-    return f"<td>{v:.3f}{ci}</td>"
-
-
-def _table(df: pd.DataFrame) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("User", "Model", "n", *METRICS, "CI over", "Note"))
-    body = []
-    for _, r in df.iterrows():
-        cls = ' class="best"' if r["best"] else ""
-        n = "" if r["n"] is None or (isinstance(r["n"], float) and math.isnan(r["n"])) else int(r["n"])
-        body.append(f"<tr{cls}><td>{html.escape(r['user'])}</td><td>{MODELS[r['model']]}</td><td>{n}</td>"
-                    + "".join(_cell(r, m) for m in METRICS)
-                    + f"<td>{html.escape(str(r['ci']))}</td><td>{html.escape(str(r['note']))}</td></tr>")
-    return f'<table class="users"><tr>{head}</tr>{"".join(body)}</table>'
-
-
-def _paper_table(averages: dict[str, dict[str, float]], counts: dict[str, int], n_users: int) -> str:
-    pm = paper.PERSONALIZED_MULT_MOSI
-    theirs = {"baseline": pm["baseline"], "fs_ua": pm["fs_ua"], "fs_ua_kd": pm["fs_ua_kd"], "psamf": paper.PSAMF_MOSI}
-    rows = [(MODELS[m].split(" (")[0] + ("" if counts[m] == n_users else f" ({counts[m]} of {n_users} users)"),
-             averages[m], theirs.get(m)) for m in MODELS]
-    out = ["<table><tr><th>Model</th><th>ours MAE</th><th>paper MAE</th><th>ours Corr</th><th>paper Corr</th>"
-           "<th>ours Non0-Acc2 %</th><th>paper Acc2 %</th></tr>"]
-
-    def f(x: float | None, scale: float = 1.0, d: int = 3) -> str:
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:.{d}f}"
-
-    for name, ours, theirs in rows:
-        t = theirs or {}
-        out.append(f"<tr><td>{name}</td><td>{f(ours['MAE'])}</td><td>{f(t.get('mae'))}</td>"
-                   f"<td>{f(ours['Corr'])}</td><td>{f(t.get('corr'))}</td>"
-                   f"<td>{f(ours['Non0-Acc2'], 100, 1)}</td><td>{f(t.get('non0_acc2'), 1, 1)}</td></tr>")
-    return "".join(out) + "</table>"
-
-
-def _md_code(text: str) -> str:
-    """Escape, then show Markdown `code` spans (the provenance line's) as <code>."""
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
 def _html(loo: dict[str, Any], df: pd.DataFrame, kd: list[dict[str, Any]], averages: dict[str, dict[str, float]],
           counts: dict[str, int], out: Path, psamf_missing: str) -> str:
     caveats = [provenance(loo["corpus"], loo["av_simulated"], loo.get("text_features")),
@@ -247,28 +201,12 @@ def _html(loo: dict[str, Any], df: pd.DataFrame, kd: list[dict[str, Any]], avera
                "(noted per row, never picked as best)."]
     if psamf_missing:
         caveats.append(f"PSA-MF: {psamf_missing}.")
-    gain = loo["kd_mae_gain"]
-    forest_rows = "".join(f"<tr><td>{html.escape(k['user'])}</td><td>{k['mean']:.4f}</td>"
-                          f"<td>[{k['lo']:.4f}, {k['hi']:.4f}]</td><td>{'yes' if k['excludes_zero'] else 'no'}</td></tr>"
-                          for k in kd)
-    conv = "".join(f"<li><code>{k}</code>: {html.escape(CONVENTIONS[k])}</li>" for k in METRICS.values())
-    return html_page("psamf personalization report", f"""<h1>Personalization report: {len(loo['users'])} LOO users</h1>
-<div class="caveat"><ul>{''.join(f'<li>{_md_code(c)}</li>' for c in caveats)}</ul></div>
-<p>{loo['k_shot']}-shot support sets, {loo['draws']} seeded draws per user, KD &lambda; = {loo['kd_lambda']}.
-Few-shot rows: mean over draws with a 95% t-interval over draws, scored on the user's segments outside each
-support set. PSA-MF and cold-start rows: one model, so the 95% CI is a percentile bootstrap over the user's
-segments. Green rows: the lowest-MAE held-out model for that user.</p>
-<h2>Mean over users, beside the papers</h2>
-{_paper_table(averages, counts, len(loo['users']))}
-<p>Paper conventions: Personalized MulT (MOSI, its 10 users, Tables 1-3) prints binary accuracy from the MulT
-repo, the Non0 subset; PSA-MF (MOSI) does not state its convention and is read as Non0 (MMSA), and its
-row is the whole test split, not a mean over speakers. Neither paper reports a cold-start row.</p>
-<h2>Per user</h2>
-{_table(df)}
-<h2>Paired KD gain</h2>
-<p>Mean over users of baseline MAE &minus; FS-UA-KD MAE: {gain['mean']:.4f} [{gain['lo']:.4f}, {gain['hi']:.4f}].</p>
-{embed_png(out / FILES['forest'], 'forest plot of the paired KD gain per user')}
-<table><tr><th>User</th><th>gain</th><th>95% CI over draws</th><th>CI excludes 0</th></tr>{forest_rows}</table>
-<h2>Per-user chart</h2>
-{embed_png(out / FILES['chart'], 'MAE and Non0-Acc2 per user for every model')}
-<h2>Metric conventions</h2><ul>{conv}</ul>""")
+    pm = paper.PERSONALIZED_MULT_MOSI
+    theirs = {"baseline": pm["baseline"], "fs_ua": pm["fs_ua"], "fs_ua_kd": pm["fs_ua_kd"], "psamf": paper.PSAMF_MOSI}
+    n_users = len(loo["users"])
+    paper_rows = [{"name": MODELS[m].split(" (")[0] + ("" if counts[m] == n_users else f" ({counts[m]} of {n_users} users)"),
+                   "ours": averages[m], "theirs": theirs.get(m, {})} for m in MODELS]
+    return render("personalization.html.j2", title="psamf personalization report", loo=loo, caveats=caveats,
+                  paper_rows=paper_rows, rows=df.to_dict("records"), metrics=list(METRICS), models=MODELS,
+                  gain=loo["kd_mae_gain"], kd=kd, forest=out / FILES["forest"], chart=out / FILES["chart"],
+                  conventions={k: CONVENTIONS[k] for k in METRICS.values()})
