@@ -12,7 +12,7 @@ arrays, the LOO users, every expectation's result, the failure lines and the dat
 """
 from __future__ import annotations
 
-import math
+import json
 import os
 import re
 import shutil
@@ -32,6 +32,9 @@ from psamf.validation.suites import INDEX_COLUMNS, LABEL_RANGE, TABLES, Check, b
 
 SITE = "psamf"
 MAX_EXAMPLES = 5
+COLUMN_KWARGS = ("column", "column_A", "column_B")  # an entry's `columns`, not its `kwargs`
+RESULT_KEYS = ("element_count", "unexpected_count", "missing_count", "observed_value")
+EXPECTED_KWARGS = ("value", "min_value", "max_value", "type_list")  # quoted after "observed"
 REQUIRED_MANIFEST_KEYS = {
     "corpus": "which corpus this is",
     "av_simulated": "whether the acoustic/visual features are simulated",
@@ -87,17 +90,17 @@ def validate_dataset(ds: PreparedDataset, cfg: Config, out_dir: str | Path, *,
     about = f"corpus={cfg.data.corpus} av_simulated={'unknown' if av is None else str(bool(av)).lower()}"
     if data_docs:
         with atomic_dir(docs_dir) as tmp_docs:
-            results = _run(gx, checks, frames, tmp_docs.resolve(), about)  # GX wants an absolute base_directory
+            entries, tables = _run(gx, checks, frames, tmp_docs.resolve(), about)  # GX wants an absolute base_directory
         index_html: Path | None = docs_dir / "index.html"
     else:
-        results = _run(gx, checks, frames, None, about)
+        entries, tables = _run(gx, checks, frames, None, about)
         index_html = None
         shutil.rmtree(docs_dir, ignore_errors=True)  # no stale pages beside a new summary
 
-    failures = _manifest_failures(ds.manifest) + [e["message"] for e in results if "message" in e]
-    if not failures and not all(e["success"] for e in results):  # cannot happen; never pass silently
-        failures = [f"{e['table']}: {e['expectation']} failed ({e['description']})" for e in results if not e["success"]]
-    summary = _summary(ds, cfg, frames, results, failures, index_html)
+    failures = _manifest_failures(ds.manifest) + [e["message"] for e in entries if "message" in e]
+    if not failures and not all(t["success"] for t in tables.values()):  # cannot happen; never pass silently
+        failures = [f"{e['table']}: {e['expectation']} failed ({e['description']})" for e in entries if not e["success"]]
+    summary = _summary(ds, cfg, frames, entries, tables, failures, index_html)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary_path = write_json(out_dir / "summary.json", summary)
     return ValidationResult(success=not failures, failures=failures, summary_path=summary_path,
@@ -105,10 +108,11 @@ def validate_dataset(ds: PreparedDataset, cfg: Config, out_dir: str | Path, *,
 
 
 def _run(gx, checks: list[Check], frames: dict[str, pd.DataFrame], docs_dir: Path | None,
-         about: str) -> list[dict[str, Any]]:
+         about: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """One ephemeral context; per table a suite, a ValidationDefinition and a Checkpoint.
     `about` (corpus, AV simulated or not) becomes the run name and the suites' notes, so
-    the data docs pages say it too."""
+    the data docs pages say it too. Returns every expectation's entry (by key) and each
+    table's tally."""
     from great_expectations.core.run_identifier import RunIdentifier  # noqa: PLC0415
 
     # the run name is a path component of the docs pages: no '/' or spaces
@@ -117,7 +121,8 @@ def _run(gx, checks: list[Check], frames: dict[str, pd.DataFrame], docs_dir: Pat
     ctx = _context(gx, docs_dir)
     source = ctx.data_sources.add_pandas("prepared")
     actions = [gx.checkpoint.UpdateDataDocsAction(name="update_data_docs", site_names=[SITE])] if docs_dir else []
-    results: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    tables: dict[str, dict[str, Any]] = {}
     for table in TABLES:
         df = frames[table]
         batch = source.add_dataframe_asset(name=table).add_batch_definition_whole_dataframe("all")
@@ -131,12 +136,12 @@ def _run(gx, checks: list[Check], frames: dict[str, pd.DataFrame], docs_dir: Pat
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": index_cols},
         ))
         run = checkpoint.run(batch_parameters={"dataframe": df}, run_id=run_id)
-        for suite_result in run.run_results.values():
-            for r in suite_result.results:
-                results.append(_result_entry(by_key[r.expectation_config.meta["psamf_key"]], r, df))
+        (suite_result,) = run.run_results.values()  # one ValidationDefinition per Checkpoint
+        entries += [_result_entry(by_key[r.expectation_config.meta["psamf_key"]], r, df) for r in suite_result.results]
+        tables[table] = _table_tally(suite_result, len(df))
     if docs_dir:
         ctx.build_data_docs(site_names=[SITE])  # adds the suite pages and the index over all three
-    return sorted(results, key=lambda e: e["key"])
+    return sorted(entries, key=lambda e: e["key"]), tables
 
 
 # ---- GX plumbing --------------------------------------------------------------------------------
@@ -166,28 +171,27 @@ def _context(gx, docs_dir: Path | None):
 
 # ---- results -> entries and one-line failures ------------------------------------------------
 
+def _table_tally(suite_result, rows: int) -> dict[str, Any]:
+    """A table's line in the summary: GX's own statistics of its suite run."""
+    stats = suite_result.statistics
+    return {"rows": rows, "success": bool(suite_result.success),
+            "evaluated": stats["evaluated_expectations"], "failed": stats["unsuccessful_expectations"]}
+
+
 def _result_entry(check: Check, r, df: pd.DataFrame) -> dict[str, Any]:
-    cfg = r.expectation_config
-    kwargs = cfg.kwargs
-    columns = [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs]
+    """One expectation's summary record; a failed one also gets its examples and failure line."""
+    kwargs = r.expectation_config.kwargs
+    columns = [kwargs[k] for k in COLUMN_KWARGS if k in kwargs]
     res = r.result or {}
+    # not describe_dict(): it would convert the whole COMPLETE result (every offending row) only
+    # to drop it, and it leaves out a failed metric's exception, which GX nests under the metric
     error = _exception_message(r.exception_info)
-    entry: dict[str, Any] = {
-        "key": check.key,
-        "table": check.table,
-        "expectation": cfg.type,
-        "columns": columns,
-        "kwargs": _plain({k: v for k, v in kwargs.items() if k not in ("batch_id", "column", "column_A", "column_B")}),
-        "description": check.description,
-        "success": bool(r.success),
-    }
-    for k in ("element_count", "unexpected_count", "missing_count"):
-        if k in res:
-            entry[k] = _plain(res[k])
-    if "observed_value" in res:
-        entry["observed_value"] = _plain(res["observed_value"])
-    if error:
-        entry["error"] = error
+    entry: dict[str, Any] = _plain({
+        "key": check.key, "table": check.table, "expectation": r.expectation_config.type, "columns": columns,
+        "kwargs": {k: v for k, v in kwargs.items() if k != "batch_id" and k not in COLUMN_KWARGS},
+        "description": check.description, "success": bool(r.success),
+        **{k: res[k] for k in RESULT_KEYS if k in res}, **({"error": error} if error else {}),
+    })
     missing = [c for c in columns if c not in df.columns]
     if not r.success and error and missing:
         # A column that is not there: its expect_column_to_exist line (or that of the source
@@ -195,14 +199,13 @@ def _result_entry(check: Check, r, df: pd.DataFrame) -> dict[str, Any]:
         entry["skipped"] = f"column {', '.join(missing)} missing"
     elif not r.success:
         examples = _examples(check, res, df)
-        entry["examples"] = [f"{label} [{', '.join(f'{c}={v}' for c, v in q)}]" if q else label
-                             for label, q in examples]
-        entry["message"] = _message(check, entry, kwargs, examples)
+        entry["examples"] = [_example(label, quoted) for label, quoted in examples]
+        entry["message"] = _message(check, entry, examples)
     return entry
 
 
-def _message(check: Check, entry: dict[str, Any], kwargs: dict[str, Any],
-             examples: list[tuple[str, list[tuple[str, str]]]]) -> str:
+def _message(check: Check, entry: dict[str, Any], examples: list[tuple[str, list[tuple[str, str]]]]) -> str:
+    """The one-line failure: table.column, expectation, what was checked and what was found."""
     where = f"{check.table}.{'/'.join(entry['columns'])}" if entry["columns"] else check.table
     head = f"{where}: {entry['expectation']} failed ({check.description})"
     if entry.get("error"):
@@ -214,8 +217,7 @@ def _message(check: Check, entry: dict[str, Any], kwargs: dict[str, Any],
         text = f"{head}: {entry['unexpected_count']} of {entry.get('element_count', '?')} rows"
         text += f" (those shown all have {shared})" if shared else ""
         return f"{text}, e.g. {ex}" if ex else text
-    expected = {k: _plain(v) for k, v in kwargs.items() if k in ("value", "min_value", "max_value", "type_list")}
-    exp_txt = ", ".join(f"{k}={v}" for k, v in expected.items())
+    exp_txt = ", ".join(f"{k}={v}" for k, v in entry["kwargs"].items() if k in EXPECTED_KWARGS)
     return f"{head}: observed {entry.get('observed_value')!r}" + (f", expected {exp_txt}" if exp_txt else "")
 
 
@@ -233,16 +235,18 @@ def _examples(check: Check, res: dict[str, Any], df: pd.DataFrame) -> list[tuple
     return out
 
 
+def _example(label: str, quoted: list[tuple[str, str]]) -> str:
+    """'id [c=v, ...]', or just the id when nothing is quoted."""
+    return f"{label} [{', '.join(f'{c}={v}' for c, v in quoted)}]" if quoted else label
+
+
 def _format_examples(examples: list[tuple[str, list[tuple[str, str]]]]) -> tuple[str, str]:
-    """('all with c=v' for values every example shares, 'id [c=v]; ...')."""
+    """('c=v, ...' for values every example shares, 'id [c=v]; ...' with the rest)."""
     shared = []
     if len(examples) > 1:
         first = examples[0][1]
         shared = [cv for cv in first if all(cv in q for _, q in examples[1:])]
-    parts = []
-    for label, quoted in examples:
-        rest = [f"{c}={v}" for c, v in quoted if (c, v) not in shared]
-        parts.append(f"{label} [{', '.join(rest)}]" if rest else label)
+    parts = [_example(label, [cv for cv in quoted if cv not in shared]) for label, quoted in examples]
     return ", ".join(f"{c}={v}" for c, v in shared), "; ".join(parts)
 
 
@@ -277,8 +281,8 @@ def _manifest_failures(manifest: dict[str, Any]) -> list[str]:
 
 # ---- summary ------------------------------------------------------------------------------------
 
-def _summary(ds: PreparedDataset, cfg: Config, frames: dict[str, pd.DataFrame], results: list[dict[str, Any]],
-             failures: list[str], index_html: Path | None) -> dict[str, Any]:
+def _summary(ds: PreparedDataset, cfg: Config, frames: dict[str, pd.DataFrame], entries: list[dict[str, Any]],
+             tables: dict[str, dict[str, Any]], failures: list[str], index_html: Path | None) -> dict[str, Any]:
     import great_expectations as gx  # noqa: PLC0415 - already imported
 
     seg, arr, loo = frames["segments"], frames["arrays"], frames["loo_users"]
@@ -290,11 +294,6 @@ def _summary(ds: PreparedDataset, cfg: Config, frames: dict[str, pd.DataFrame], 
             counts[name] = int(seg[col].nunique())
     if "split" in seg.columns:
         counts["splits"] = {s: int((seg["split"] == s).sum()) for s in SPLITS}
-    per_table = {}
-    for table in TABLES:
-        entries = [e for e in results if e["table"] == table]
-        per_table[table] = {"rows": int(len(frames[table])), "success": all(e["success"] for e in entries),
-                            "evaluated": len(entries), "failed": sum(not e["success"] for e in entries)}
     return _plain({
         "success": not failures,
         "corpus": cfg.data.corpus,
@@ -319,8 +318,8 @@ def _summary(ds: PreparedDataset, cfg: Config, frames: dict[str, pd.DataFrame], 
             "loo_users": cfg.data.loo_users,
             "min_user_segments": cfg.data.min_user_segments,
         },
-        "tables": per_table,
-        "expectations": [{k: v for k, v in e.items() if k != "key"} for e in results],
+        "tables": tables,
+        "expectations": [{k: v for k, v in e.items() if k != "key"} for e in entries],
         "failures": failures,
         "data_docs": str(index_html) if index_html else None,
         "great_expectations": gx.__version__,
@@ -328,20 +327,12 @@ def _summary(ds: PreparedDataset, cfg: Config, frames: dict[str, pd.DataFrame], 
 
 
 def _plain(x: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN/inf to None, tuples to lists."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_plain(v) for v in x.tolist()]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if x is pd.NA or x is pd.NaT:
-        return None
-    return x
+    """JSON-safe: GX's own conversion (numpy to Python, NaN/NA to None, tuples to lists, str
+    keys), then a JSON round trip, because GX keeps +-inf, which json.dumps would write as the
+    non-standard `Infinity`: those become None as well."""
+    from great_expectations.util import convert_to_json_serializable  # noqa: PLC0415 - loaded by now
+
+    return json.loads(json.dumps(convert_to_json_serializable(x)), parse_constant=lambda _: None)
 
 
 def _fmt(v: Any) -> str:
