@@ -2,7 +2,8 @@
 
     PostgreSQL  a session-level pg_advisory_lock on a dedicated connection: released by the
                 server when the holder dies, so a crashed worker never leaves it held
-    sqlite      flock on a file in the temp dir named after the database: released by the kernel
+    sqlite      a FileLock (flock) on a file in the temp dir named after the database: released by
+                the kernel when the holder dies
     other       no lock (kind == "none"); callers say what that means for them
 
 Used around Optuna's "count the trials, then ask for one" (psamf.psa_mf.tune) and the registry gate's
@@ -56,7 +57,7 @@ class NamedLock:
 
     def __init__(self, url: str, name: str, what: str = "tune.storage"):
         self.kind, self.held = "none", False
-        self._conn = self._fh = None
+        self._conn = self._file_lock = None
         self._key = zlib.crc32(name.encode())
         backend = dialect(url, what)  # `what`: the setting a bad URL came from, for the error
         if backend == "postgresql":
@@ -67,8 +68,10 @@ class NamedLock:
         elif sqlite_file(url) is not None:
             # In the temp dir, keyed by the database's absolute path: nothing to clean up next to it.
             self.kind = "sqlite"
+            from filelock import FileLock
+
             db = str(sqlite_file(url).resolve())
-            self._path = Path(tempfile.gettempdir()) / f"psamf-lock-{zlib.crc32(db.encode()):08x}-{self._key:08x}.lock"
+            self._file_lock = FileLock(Path(tempfile.gettempdir()) / f"psamf-lock-{zlib.crc32(db.encode()):08x}-{self._key:08x}.lock")
 
     def acquire(self) -> None:
         if self.held:
@@ -80,11 +83,7 @@ class NamedLock:
                 self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
         elif self.kind == "sqlite":
-            import fcntl
-
-            if self._fh is None:
-                self._fh = open(self._path, "a+")
-            fcntl.flock(self._fh, fcntl.LOCK_EX)
+            self._file_lock.acquire()
         self.held = True
 
     def release(self) -> None:
@@ -96,9 +95,7 @@ class NamedLock:
 
             self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
         elif self.kind == "sqlite":
-            import fcntl
-
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._file_lock.release()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -107,8 +104,6 @@ class NamedLock:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._engine.dispose()
-        if self._fh is not None:
-            self._fh.close()
 
     def __enter__(self) -> "NamedLock":
         self.acquire()

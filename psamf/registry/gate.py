@@ -238,8 +238,8 @@ def gate_lock(cfg: Config, model_name: str):
 
 def versions_with_source(client, name: str, source_key: str) -> list:
     """Versions of `name` registered from the file with this content hash, lowest first."""
-    found = client.search_model_versions(f"name = '{name}'")
-    return sorted((v for v in found if (v.tags or {}).get(SOURCE) == source_key), key=lambda v: int(v.version))
+    found = client.search_model_versions(f"name = '{name}' and tags.`{SOURCE}` = '{source_key}'")
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def _recorded_decision(tags: dict[str, str]) -> Decision:
