@@ -370,3 +370,40 @@ def test_the_official_form_trains_and_reloads_with_it(env, tmp_path):
     model, _ = load_model(tmp_path / "run")
     assert model.cfg.fusion_form == "official" and model.cfg.prefusion_av == "lstm_token"
     assert type(model.fusion).__name__ == "OfficialFusion"
+
+
+def test_the_frozen_personality_encoder_runs_once_per_segment_not_every_step(env, monkeypatch):
+    """CLS_p is computed once before training (the encoder is frozen, in eval mode); training and
+    prediction read it from the batch. Counted: the personality encoder's forward sees each
+    segment once, not once per epoch and per scoring pass."""
+    from psamf.data.prepared import load_prepared
+    from psamf.models.psamf import CLS_P_KEY, PSAMF
+    from psamf.psa_mf import train as tr
+
+    root, _, _ = env
+    cfg = cfg_for(root, "train.epochs=2", f"train.out_dir={root}/once")
+    n_segments = len(load_prepared(cfg.data.prepared_path).segments)
+    seen = []
+    orig = PSAMF.personality_cls
+
+    def counting(self, batch):
+        if batch.get(CLS_P_KEY) is None:
+            seen.append(len(batch["input_ids"]))
+        return orig(self, batch)
+
+    monkeypatch.setattr(PSAMF, "personality_cls", counting)
+    tr.train_psamf(cfg)
+    assert sum(seen) == n_segments  # two epochs, valid and test scoring: still each segment once
+
+    # ... and the table holds what the per-batch path gives (padding trimmed per batch either way).
+    ds = tr.load_split_data(cfg)
+    tensors, _ = tr.segment_tensors(cfg, ds, personality=True)
+    model = PSAMF.from_config(cfg.psamf, int(tensors["audio"].shape[-1]), int(tensors["visual"].shape[-1]))
+    table = tr.personality_cls_table(model, tensors, torch.device("cpu"), batch_size=7)
+    from psamf.training import trim_padding
+
+    first = trim_padding({k: v[:5] for k, v in tensors.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    with torch.no_grad():
+        direct = orig(model.eval(), first)
+    assert table.shape[0] == n_segments
+    assert torch.allclose(table[:5], direct, atol=1e-5)

@@ -70,6 +70,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from psamf.config import PsamfConfig
 from psamf.models.encoders import SplitEncoder, base_model, load_encoder
 
+CLS_P_KEY = "personality_cls"  # a batch key: CLS_p already computed (see PSAMF.personality_cls)
+
 
 # ---------------------------------------------------------------------------- losses
 
@@ -465,7 +467,10 @@ class PSAMF(nn.Module):
         return torch.ones(B, T, dtype=torch.bool, device=x.device)
 
     def personality_cls(self, batch: Mapping) -> torch.Tensor:
-        """CLS_p: the frozen personality encoder's last-layer CLS."""
+        """CLS_p: the frozen personality encoder's last-layer CLS, or the batch's `personality_cls`
+        when the trainer computed it once per segment (frozen and in eval mode, it never changes)."""
+        if batch.get(CLS_P_KEY) is not None:
+            return batch[CLS_P_KEY]
         pers = self.personality_encoder
         ids = batch.get("personality_input_ids")
         if ids is None:

@@ -61,7 +61,7 @@ from psamf.errors import InputError
 from psamf.io import atomic_dir, atomic_path, write_json
 from psamf.metrics import CONVENTIONS, regression_metrics
 from psamf.reports.html import write_csv
-from psamf.training import (PERSONALITY_PREFIX, Batch, BatchProgress, autocast, config_fingerprint,
+from psamf.training import (PERSONALITY_PREFIX, TEXT_KEYS, Batch, BatchProgress, autocast, config_fingerprint,
                             discard_checkpoints, fit, predict, resolve_device, seed_everything, to_device, tokenize,
                             trim_padding)
 
@@ -153,6 +153,22 @@ def segment_tensors(cfg: Config, ds: PreparedDataset, personality: bool) -> tupl
         "label": torch.from_numpy(ds.segments["label"].to_numpy(np.float32)),
     })
     return t, info
+
+
+def personality_cls_table(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
+                          batch_size: int) -> torch.Tensor:
+    """CLS_p of every segment, computed once. The personality encoder is frozen and in eval mode,
+    so its output per segment is the same every epoch; computing it per batch cost a forward pass
+    of a whole encoder per step (about a quarter of an epoch's work)."""
+    keys = [k for k in tensors if k in TEXT_KEYS or k[len(PERSONALITY_PREFIX):] in TEXT_KEYS]
+    n = len(tensors["input_ids"])
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            b = to_device(trim_padding({k: tensors[k][i:i + batch_size] for k in keys}), device)
+            out.append(model.personality_cls(b).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def take(tensors: dict[str, torch.Tensor], mask: np.ndarray) -> dict[str, torch.Tensor]:
@@ -446,7 +462,7 @@ def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -
     """Train PSA-MF (with cfg.psamf.ablation); see the module docstring. Returns the report:
     valid (best epoch) and test metrics in every convention, best_epoch, history, corpus,
     av_simulated, ablation, out_dir, model_dir (and more)."""
-    from psamf.models.psamf import PSAMF
+    from psamf.models.psamf import CLS_P_KEY, PSAMF
 
     ds = load_split_data(cfg, SELECTION_SPLITS if trial is not None else SPLITS)
     check_personality_encoder(cfg)
@@ -464,6 +480,8 @@ def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -
     except ValueError as e:
         raise InputError("psamf", str(e).splitlines()[0]) from None
     model.to(device)
+    if model.personality_encoder is not None:
+        tensors[CLS_P_KEY] = personality_cls_table(model, tensors, device, max(64, cfg.train.batch_size))
 
     def loss_parts(m: nn.Module, b: Batch):
         o = m(b)
