@@ -31,10 +31,10 @@ from typing import Any
 from psamf import tracking
 from psamf.config import Config
 from psamf.io import write_json, write_text
+from psamf.psa_mf.tune.search import (PARAMS, encoder_depth, load_study, report_dir, storage_url, study_finished,
+                                      trial_counts)
 from psamf.redact import redact
 from psamf.reports.html import html_page, markdown_table, provenance, save_figure, write_csv
-from psamf.psa_mf.tune.search import (PARAMS, encoder_depth, load_study, report_dir, storage_url, study_finished,
-                               trial_counts)
 
 log = logging.getLogger(__name__)
 
@@ -181,65 +181,73 @@ def _save_plots(study, out: Path) -> tuple[dict[str, Any], str]:
     return _save_pngs(study, out), str(_save_html(study, out / PLOTS_HTML))
 
 
+def _summary(cfg: Config, study, trials: list, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's content, less plots and files: the keys bench/psamf.py, the CLI and KFP read."""
+    by_state = trial_counts(study)
+    best = study.best_trial if by_state["COMPLETE"] else None  # best_trial raises before the first
+    av = next((t.user_attrs["av_simulated"] for t in trials if "av_simulated" in t.user_attrs), None)
+    tc = cfg.tune
+    return {
+        "stage": "tune", "corpus": cfg.data.corpus, "av_simulated": av, "profile": cfg.profile,
+        "study_name": tc.study_name, "storage": redact(storage_url(cfg)), "direction": study.direction.name.lower(),
+        "objective": "valid MAE at the best epoch (PSA-MF, ablation: %s)" % cfg.psamf.ablation,
+        "n_trials": tc.n_trials, "n_trials_in_study": len(trials), "trials_by_state": by_state,
+        "complete": study_finished(study, cfg), "epoch_budget": tc.epoch_budget,
+        "best_value": best.value if best else None, "best_trial": best.number if best else None,
+        "best_params": best.params if best else None, "pruned": by_state["PRUNED"],
+        "epochs_total": sum(r["epochs"] for r in rows),
+        "epochs_if_unpruned": (by_state["COMPLETE"] + by_state["PRUNED"]) * tc.epochs,
+        "retried": [{"trial": r["number"], "retry_of": r["retry_of"]} for r in rows if r["retry_of"] is not None],
+        "search_space": {"psamf.tau": ["log-uniform", tc.tau_min, tc.tau_max],
+                         "psamf.split_layer": ["int", 1, encoder_depth(cfg.psamf.encoder) - 1],
+                         "psamf.aux_lambda": ["uniform", tc.lambda_min, tc.lambda_max]},
+        "sampler": {"name": "TPESampler", "seed": tc.seed, "n_startup_trials": tc.n_startup_trials},
+        "pruner": {"name": tc.pruner, "startup_trials": tc.pruner_startup_trials,
+                   "warmup_steps": tc.pruner_warmup_steps},
+        "epochs_per_trial": tc.epochs, "text_encoder": cfg.psamf.encoder,
+        "personality_encoder": cfg.psamf.personality_encoder,
+        "heartbeat": {"interval_s": tc.heartbeat_interval, "grace_period_s": tc.grace_period,
+                      "max_retry": tc.max_retry},
+        "trials": rows,
+    }
+
+
+def _summary_md(cfg: Config, s: dict[str, Any], out: Path) -> str:
+    """summary.md: counts, epochs, the best trial and how to train with it, the trials table."""
+    by_state = s["trials_by_state"]
+    finished = by_state["COMPLETE"] + by_state["PRUNED"]
+    md = [f"# Optuna study `{cfg.tune.study_name}` ({cfg.data.corpus})", "",
+          provenance(cfg.data.corpus, bool(s["av_simulated"])), "",
+          f"Objective: {s['objective']}, minimized. {finished}/{cfg.tune.n_trials} finished trials; "
+          f"states: {', '.join(f'{k} {v}' for k, v in by_state.items() if v)}. "
+          f"Epochs run: {s['epochs_total']} (unpruned: {s['epochs_if_unpruned']})"
+          + (f" of a budget of {cfg.tune.epoch_budget}." if cfg.tune.epoch_budget else "."), ""]
+    if s["best_params"] is not None:
+        params = ", ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`"
+                           for k, v in s["best_params"].items())
+        md += [f"Best: trial {s['best_trial']}, valid MAE {s['best_value']:.4f}, {params}", "",
+               f"Train with it: `psamf train --best-params {out / 'best_params.json'}`", ""]
+    rows = [{k: ("" if v is None else v) for k, v in r.items()} for r in s["trials"]]
+    md.append(markdown_table(rows, ["number", "state", "value", *PARAMS, "epochs", "retry_of", "duration_s"]))
+    return "\n".join(md)
+
+
 def tune_report(cfg: Config, study=None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write best_params.json, summary.json/.md, trials.csv and the plots from the study."""
     import pandas as pd
-    from optuna.trial import TrialState
 
     if study is None:
         study = load_study(cfg)
     out = report_dir(cfg)
     trials = study.get_trials(deepcopy=False)
     rows = [_trial_row(t) for t in trials]
-    by_state = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = min(complete, key=lambda t: t.value) if complete else None
-    best_params = {k: best.params[k] for k in PARAMS} if best else None
-    av = next((t.user_attrs["av_simulated"] for t in trials if "av_simulated" in t.user_attrs), None)
-    finished = by_state["COMPLETE"] + by_state["PRUNED"]
-    summary: dict[str, Any] = {
-        "stage": "tune", "corpus": cfg.data.corpus, "av_simulated": av, "profile": cfg.profile,
-        "study_name": cfg.tune.study_name, "storage": redact(storage_url(cfg)), "direction": "minimize",
-        "objective": "valid MAE at the best epoch (PSA-MF, ablation: %s)" % cfg.psamf.ablation,
-        "n_trials": cfg.tune.n_trials, "n_trials_in_study": len(trials), "trials_by_state": by_state,
-        "complete": study_finished(study, cfg), "epoch_budget": cfg.tune.epoch_budget,
-        "best_value": best.value if best else None, "best_trial": best.number if best else None,
-        "best_params": best_params, "pruned": by_state["PRUNED"],
-        "epochs_total": sum(r["epochs"] for r in rows),
-        "epochs_if_unpruned": finished * cfg.tune.epochs,
-        "retried": [{"trial": r["number"], "retry_of": r["retry_of"]} for r in rows if r["retry_of"] is not None],
-        "search_space": {"psamf.tau": ["log-uniform", cfg.tune.tau_min, cfg.tune.tau_max],
-                         "psamf.split_layer": ["int", 1, encoder_depth(cfg.psamf.encoder) - 1],
-                         "psamf.aux_lambda": ["uniform", cfg.tune.lambda_min, cfg.tune.lambda_max]},
-        "sampler": {"name": "TPESampler", "seed": cfg.tune.seed, "n_startup_trials": cfg.tune.n_startup_trials},
-        "pruner": {"name": cfg.tune.pruner, "startup_trials": cfg.tune.pruner_startup_trials,
-                   "warmup_steps": cfg.tune.pruner_warmup_steps},
-        "epochs_per_trial": cfg.tune.epochs, "text_encoder": cfg.psamf.encoder,
-        "personality_encoder": cfg.psamf.personality_encoder,
-        "heartbeat": {"interval_s": cfg.tune.heartbeat_interval, "grace_period_s": cfg.tune.grace_period,
-                      "max_retry": cfg.tune.max_retry},
-        "trials": rows, **(extra or {}),
-    }
+    summary = {**_summary(cfg, study, trials, rows), **(extra or {})}
     summary["plots"], summary["plots_html"] = _save_plots(study, out / "plots") if trials else ({}, None)
-    files = {"summary": str(out / "summary.json"), "summary_md": str(out / "summary.md"),
-             "trials_csv": str(out / "trials.csv")}
-    if best_params is not None:
-        write_json(out / "best_params.json", best_params)
-        files["best_params"] = str(out / "best_params.json")
-    summary["files"] = files
+    summary["files"] = {"summary": str(out / "summary.json"), "summary_md": str(out / "summary.md"),
+                        "trials_csv": str(out / "trials.csv")}
+    if summary["best_params"] is not None:
+        summary["files"]["best_params"] = str(write_json(out / "best_params.json", summary["best_params"]))
     write_csv(out / "trials.csv", pd.DataFrame(rows, columns=ROW_COLUMNS))
-
-    md = [f"# Optuna study `{cfg.tune.study_name}` ({cfg.data.corpus})", "",
-          provenance(cfg.data.corpus, bool(av)), "",
-          f"Objective: {summary['objective']}, minimized. {finished}/{cfg.tune.n_trials} finished trials; "
-          f"states: {', '.join(f'{k} {v}' for k, v in by_state.items() if v)}. "
-          f"Epochs run: {summary['epochs_total']} (unpruned: {summary['epochs_if_unpruned']})"
-          + (f" of a budget of {cfg.tune.epoch_budget}." if cfg.tune.epoch_budget else "."), ""]
-    if best:
-        md += [f"Best: trial {best.number}, valid MAE {best.value:.4f}, "
-               + ", ".join(f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in best_params.items()),
-               "", f"Train with it: `psamf train --best-params {out / 'best_params.json'}`", ""]
-    md.append(markdown_table([{k: ("" if v is None else v) for k, v in r.items()} for r in rows], ["number", "state", "value", *PARAMS, "epochs", "retry_of", "duration_s"]))
-    write_text(out / "summary.md", "\n".join(md))
+    write_text(out / "summary.md", _summary_md(cfg, summary, out))
     write_json(out / "summary.json", summary)
     return summary

@@ -29,13 +29,13 @@ ends at whichever limit comes first (bench/psamf.py compares searches that way).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import shutil
 import socket
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,8 +45,6 @@ from psamf.errors import InputError
 from psamf.locks import dialect, sqlite_file, with_driver
 from psamf.metrics import NonFiniteError
 from psamf.redact import redact
-
-log = logging.getLogger(__name__)
 
 STORAGE_ENV = "PSAMF_OPTUNA_STORAGE"
 PARAMS = ("psamf.tau", "psamf.split_layer", "psamf.aux_lambda")
@@ -268,67 +266,78 @@ def _cleanup_trial_dir(out: Path, keep_models: bool) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def _claim_trial_dir(trial, cfg: Config) -> tuple[Path, int | None]:
+    """The trial's dir and the trial it retries (None for a fresh one). A retry
+    (RetryHeartbeatStaleTrialCallback) inherits the dead trial's user attrs, so its trial_key
+    names the original trial's dir, whose last checkpoint it resumes from."""
+    inherited = trial.user_attrs.get("trial_key")
+    key = trial.number if inherited is None else int(inherited)
+    out = trial_dir(cfg, key)
+    if inherited is None:
+        shutil.rmtree(out, ignore_errors=True)  # a fresh trial never resumes someone else's run
+    for name, value in {"trial_key": key, "worker": _worker_id(), "worker_pid": os.getpid(),
+                        "out_dir": str(out)}.items():
+        trial.set_user_attr(name, value)
+    return out, None if inherited is None else key
+
+
+def _train_trial(trial, cfg_t: Config, out: Path) -> tuple[float, Exception | None]:
+    """Train inside the trial's MLflow run: (valid MAE, the TrialPruned or NonFiniteError to raise
+    once that run is closed), logging valid MAE per epoch and the trial's state."""
+    import optuna
+
+    from psamf.psa_mf.train import train_psamf
+
+    rec = _RecordingTrial(trial)
+    value, stop, state = math.nan, None, "FAIL"
+    try:
+        report = train_psamf(cfg_t, trial=rec, out_dir=out)
+        value = float(report["valid"]["mae"])
+        trial.set_user_attr("best_epoch", report["best_epoch"])
+        trial.set_user_attr("av_simulated", bool(report["av_simulated"]))
+        state = "COMPLETE" if math.isfinite(value) else "FAIL"
+    except optuna.TrialPruned as e:
+        stop, state = e, "PRUNED"
+    except NonFiniteError as e:  # a diverged trial: FAIL with its reason
+        stop = e
+        trial.set_user_attr("fail_reason", str(e))
+        tracking.set_tags({"fail_reason": str(e)})
+    finally:
+        for step, v in rec.reports:  # here, not in report(): train_psamf's own run is active there
+            tracking.log_metrics({"valid_mae": v}, step=step)
+        tracking.set_tags({"state": state})
+    if stop is None:
+        tracking.log_metrics({"value": value})
+    return value, stop
+
+
 class Objective:
-    """One trial: suggest τ/N/λ, train PSA-MF for tune.epochs, return the best valid MAE."""
+    """One trial: suggest τ/N/λ, train PSA-MF for tune.epochs, return the best valid MAE.
+
+    A diverged trial raises NonFiniteError (its reason in the `fail_reason` user attr): run it
+    with study.optimize(catch=(NonFiniteError,)) so that Optuna marks it FAIL and goes on."""
 
     def __init__(self, cfg: Config, depth: int, on_start: Callable[[], None] | None = None):
         self.cfg, self.depth, self.on_start = cfg, depth, on_start
 
     def __call__(self, trial) -> float:
-        import optuna
-
-        from psamf.psa_mf.train import train_psamf
-
         if self.on_start is not None:  # the trial exists now: let other workers ask for theirs
             self.on_start()
         cfg = self.cfg
         params = suggest(trial, cfg, self.depth)
-        # A retry (RetryHeartbeatStaleTrialCallback) inherits the dead trial's user attrs, so its
-        # trial_key names the original trial's dir, whose last checkpoint it resumes from.
-        inherited = trial.user_attrs.get("trial_key")
-        key = int(inherited) if inherited is not None else trial.number
-        out = trial_dir(cfg, key)
-        if inherited is None:
-            shutil.rmtree(out, ignore_errors=True)  # a fresh trial never resumes someone else's run
-        trial.set_user_attr("trial_key", key)
-        trial.set_user_attr("worker", _worker_id())
-        trial.set_user_attr("worker_pid", os.getpid())
-        trial.set_user_attr("out_dir", str(out))
+        out, retry_of = _claim_trial_dir(trial, cfg)
         cfg_t = trial_config(cfg, params, out)
-        rec = _RecordingTrial(trial)
-        retry_of = key if inherited is not None else None
         tags = {"trial": trial.number, "worker": _worker_id(), "study": cfg.tune.study_name,
                 "retry_of": "" if retry_of is None else retry_of}
-        pruned: optuna.TrialPruned | None = None
-        value = math.nan
         try:
             with tracking.stage_run(cfg_t, "tune-trial", run_name=f"trial-{trial.number}", tags=tags) as run:
                 if run.info.run_id:
                     trial.set_user_attr("mlflow_run_id", run.info.run_id)
-                state = "FAIL"
-                try:
-                    report = train_psamf(cfg_t, trial=rec, out_dir=out)
-                    value = float(report["valid"]["mae"])
-                    trial.set_user_attr("best_epoch", report["best_epoch"])
-                    trial.set_user_attr("av_simulated", bool(report["av_simulated"]))
-                    state = "COMPLETE" if math.isfinite(value) else "FAIL"
-                except optuna.TrialPruned as e:
-                    pruned, state = e, "PRUNED"
-                except NonFiniteError as e:  # a diverged trial is a FAIL with its reason; the worker goes on
-                    trial.set_user_attr("fail_reason", str(e))
-                    tracking.set_tags({"fail_reason": str(e)})
-                    log.warning("trial %d failed: %s", trial.number, e)
-                finally:
-                    for step, v in rec.reports:
-                        tracking.log_metrics({"valid_mae": v}, step=step)
-                    trial.set_user_attr("epochs_run", len(rec.reports))
-                    tracking.set_tags({"state": state})
-                if pruned is None:
-                    tracking.log_metrics({"value": value})
+                value, stop = _train_trial(trial, cfg_t, out)
         finally:
             _cleanup_trial_dir(out, cfg.tune.keep_trial_models)
-        if pruned is not None:
-            raise pruned
+        if stop is not None:  # raised only now, so the MLflow run ends FINISHED, its state in a tag
+            raise stop
         return value  # a nan value: Optuna marks the trial FAIL and the worker goes on
 
 
@@ -338,23 +347,19 @@ def trial_counts(study) -> dict[str, int]:
     """The study's trials by state name, every TrialState present."""
     from optuna.trial import TrialState
 
-    out = {s.name: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        out[t.state.name] += 1
-    return out
+    counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    return {s.name: counts[s.name] for s in TrialState}
 
 
 def epochs_spent(study, cfg: Config, *, running: bool = True) -> int:
-    """Training epochs the study has used: finished trials' epochs_run, plus (running=True)
-    tune.epochs for each running trial, which may still use them all."""
+    """Training epochs the study has used: finished trials' reported epochs (a retry reports only
+    those it ran), plus (running=True) tune.epochs for each running trial, which may still use them all."""
     from optuna.trial import TrialState
 
-    spent = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.RUNNING and running:
-            spent += cfg.tune.epochs
-        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            spent += int(t.user_attrs.get("epochs_run", len(t.intermediate_values)))
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    spent = sum(len(t.intermediate_values) for t in finished)
+    if running:
+        spent += cfg.tune.epochs * len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     return spent
 
 

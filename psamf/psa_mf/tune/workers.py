@@ -5,8 +5,9 @@ each worker takes a storage-wide lock (pg_advisory_lock on PostgreSQL, a flock f
 file), counts finished + running trials, and only then asks for a new trial; the lock is
 released as soon as the trial exists. A worker that finds every remaining trial running
 elsewhere waits (when the heartbeat is on) instead of leaving, so a trial whose worker dies
-is still run. Optuna's MaxTrialsCallback(n_trials, states=(COMPLETE, PRUNED)) stops the
-optimize loop as well. Other SQL dialects get no lock: up to workers-1 extra trials.
+is still run (study.optimize runs just that trial: MaxTrialsCallback counts without the lock, so
+it cannot keep the total exact). Other SQL dialects get no lock: up to workers-1 extra trials.
+tune.n_trials failed trials stop the study; `tune` then names the last failure.
 
 Failures: with tune.heartbeat_interval (default 60 s) every running trial writes a heartbeat;
 one silent for tune.grace_period (default 2x) is marked FAIL (optuna.storages.fail_stale_trials,
@@ -17,7 +18,8 @@ system attr (RetryHeartbeatStaleTrialCallback.retried_trial_number) and resumes 
 trial's last epoch checkpoint when it runs where that was written (trial dirs are keyed by the
 original trial number). A trial that raises is FAIL and not retried, and its worker exits
 non-zero (a bug or bad input should not be retried blindly); `tune` reports worker exit codes
-and fails only when the study did not complete. A non-finite valid MAE fails just that trial.
+and fails only when the study did not complete. A non-finite valid MAE fails just that trial
+(NonFiniteError, in optimize's `catch`) and the worker goes on.
 
 Worker processes run the hidden `psamf tune-process` command (worker_argv), logging to
 <tune.out_dir>/<corpus>/workers/worker-<i>.log.
@@ -43,10 +45,11 @@ from psamf.config import Config
 from psamf.errors import InputError
 from psamf.io import write_text
 from psamf.locks import NamedLock, dialect, sqlite_file
-from psamf.resources import cpu_count
+from psamf.metrics import NonFiniteError
 from psamf.psa_mf.tune.report import finalize
-from psamf.psa_mf.tune.search import (STORAGE_ENV, Objective, budget_allows_trial, create_study,
-                               encoder_depth, load_study, report_dir, storage_url, study_finished, trial_counts)
+from psamf.psa_mf.tune.search import (STORAGE_ENV, Objective, budget_allows_trial, create_study, encoder_depth,
+                                      load_study, report_dir, storage_url, study_finished, trial_counts)
+from psamf.resources import cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -55,57 +58,62 @@ MAX_WAIT_POLL_S = 5.0
 
 # ---------------------------------------------------------------------------- one worker
 
+def _fail_stale_trials(study) -> None:
+    """Mark heartbeat-stale trials FAIL, queuing their retries. optimize does this too, but only
+    after the count that decides whether to ask: a dead worker's trial must not count as running."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _next_move(study, cfg: Config) -> str:
+    """Under the lock: "run" a trial, "wait" for running ones, or "stop"."""
+    n = cfg.tune.n_trials
+    c = trial_counts(study)
+    done = c["COMPLETE"] + c["PRUNED"]
+    if done >= n or not budget_allows_trial(study, cfg, running=False):
+        return "stop"
+    if c["FAIL"] >= n:  # every trial diverges (or dies): stop rather than loop forever
+        log.warning("tune: %d trials failed, as many as tune.n_trials; stopping", c["FAIL"])
+        return "stop"
+    if done + c["RUNNING"] >= n or not budget_allows_trial(study, cfg):
+        # Every remaining trial (or epoch) is running elsewhere. Without a heartbeat a dead
+        # worker's trial would stay RUNNING forever, so leave; with one, wait: it either
+        # finishes or goes stale and is re-queued for us.
+        return "wait" if cfg.tune.heartbeat_interval else "stop"
+    return "run"
+
+
 def run_worker(cfg: Config, worker: int = 0, *, parallel: bool = False, study=None) -> dict[str, Any]:
     """Run trials until the study has tune.n_trials finished (COMPLETE + PRUNED) trials.
 
     `worker` offsets the sampler seed. Returns {"worker", "trials_run", "wall_s"}."""
-    import optuna
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
-
     t0 = time.perf_counter()
     if study is None:
         study = load_study(cfg, worker=worker, parallel=parallel)
-    n = cfg.tune.n_trials
-    depth = encoder_depth(cfg.psamf.encoder)
     heartbeat = cfg.tune.heartbeat_interval
     poll_s = min(float(heartbeat), MAX_WAIT_POLL_S) if heartbeat else 0.0
-    lock = NamedLock(storage_url(cfg), f"psamf-tune:{cfg.tune.study_name}")
-    if lock.kind == "none":
-        log.warning("tune: no cross-worker lock for this storage; the study may finish up to "
-                    "workers-1 trials more than tune.n_trials")
-    objective = Objective(cfg, depth, on_start=lock.release)
-    stop = MaxTrialsCallback(n, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    ran = 0
-    try:
-        while True:
+    ran, move = 0, "run"
+    with contextlib.closing(NamedLock(storage_url(cfg), f"psamf-tune:{cfg.tune.study_name}")) as lock:
+        if lock.kind == "none":
+            log.warning("tune: no cross-worker lock for this storage; the study may finish up to "
+                        "workers-1 trials more than tune.n_trials")
+        # The objective releases the lock once its trial exists: counting and asking are atomic.
+        objective = Objective(cfg, encoder_depth(cfg.psamf.encoder), on_start=lock.release)
+        while move != "stop":
             lock.acquire()
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)  # also what optimize does before each ask
-                c = trial_counts(study)
-                done = c["COMPLETE"] + c["PRUNED"]
-                if done >= n or not budget_allows_trial(study, cfg, running=False):
-                    break
-                if c["FAIL"] >= n:  # every trial diverges (or dies): stop rather than loop forever
-                    log.warning("tune: %d trials failed, as many as tune.n_trials; stopping", c["FAIL"])
-                    break
-                if done + c["RUNNING"] >= n or not budget_allows_trial(study, cfg):
-                    # Every remaining trial (or epoch) is running elsewhere. Without a heartbeat a
-                    # dead worker's trial would stay RUNNING forever, so leave; with one, wait: it
-                    # either finishes or goes stale and is re-queued for us.
-                    if not heartbeat:
-                        break
-                    lock.release()
-                    time.sleep(poll_s)
-                    continue
-                study.optimize(objective, n_trials=1, callbacks=[stop], gc_after_trial=True)
-                ran += 1
+                _fail_stale_trials(study)
+                move = _next_move(study, cfg)
+                if move == "run":
+                    study.optimize(objective, n_trials=1, catch=(NonFiniteError,), gc_after_trial=True)
+                    ran += 1
             finally:
                 lock.release()
-    finally:
-        lock.close()
+            if move == "wait":
+                time.sleep(poll_s)
     return {"worker": worker, "trials_run": ran, "wall_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -185,6 +193,22 @@ def _log_tail(path: str, n: int = 1500) -> str:
     return ""
 
 
+def _incomplete(cfg: Config, study, results: list[dict[str, Any]]) -> RuntimeError:
+    """Why the study fell short of tune.n_trials: exit codes, failures, the last failure's reason
+    and the last failed worker's log."""
+    from optuna.trial import TrialState
+
+    c = trial_counts(study)
+    bad = [r for r in results if r["exit_code"] != 0]
+    tail = _log_tail(bad[-1]["log"]) if bad and "log" in bad[-1] else ""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    reasons = [t.user_attrs["fail_reason"] for t in failed if t.user_attrs.get("fail_reason")]
+    return RuntimeError(f"tune: the study has {c['COMPLETE'] + c['PRUNED']} of {cfg.tune.n_trials} finished "
+                        f"trials after all workers exited (exit codes {[r['exit_code'] for r in results]}, "
+                        f"{c['FAIL']} failed" + (f"; last failure: {reasons[-1]}" if reasons else "") + ")"
+                        + (f"; last worker log:\n{tail}" if tail else ""))
+
+
 def tune(cfg: Config, workers: int | None = None, *, join: bool = False,
          worker_index: int | None = None) -> dict[str, Any]:
     """The `tune` stage: create the study once, run `workers` workers (processes when > 1, in
@@ -225,13 +249,5 @@ def tune(cfg: Config, workers: int | None = None, *, join: bool = False,
         if join:
             return {"joined": cfg.tune.study_name, "workers": results, "trials_by_state": c, "wall_s": wall}
         if not study_finished(study, cfg):
-            bad = [r for r in results if r["exit_code"] != 0]
-            tail = _log_tail(bad[-1]["log"]) if bad and "log" in bad[-1] else ""
-            reasons = [t.user_attrs.get("fail_reason")
-                       for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL"]
-            reasons = [r for r in reasons if r]
-            raise RuntimeError(f"tune: the study has {c['COMPLETE'] + c['PRUNED']} of {cfg.tune.n_trials} finished "
-                               f"trials after all workers exited (exit codes {[r['exit_code'] for r in results]}, "
-                               f"{c['FAIL']} failed" + (f"; last failure: {reasons[-1]}" if reasons else "") + ")"
-                               + (f"; last worker log:\n{tail}" if tail else ""))
+            raise _incomplete(cfg, study, results)
         return finalize(cfg, study, {"workers": results, "n_workers": workers, "wall_s": wall})
