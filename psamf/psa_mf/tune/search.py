@@ -116,7 +116,7 @@ def make_sampler(cfg: Config, worker: int = 0, parallel: bool = False):
 
 
 def make_pruner(cfg: Config):
-    """tune.pruner (a config.PRUNERS choice, checked at load) as an Optuna pruner."""
+    """tune.pruner (one of its config.CHOICES, checked at load) as an Optuna pruner."""
     import optuna
 
     tc = cfg.tune
