@@ -209,7 +209,8 @@ def markdown(res: dict[str, Any]) -> str:
     abl = res.get("ablations")
     if abl:
         aseeds = s.get("ablation_seeds") or (s.get("seeds") or [0])[:1]
-        lines += [f"## Ablation table (test split, mean over train.seed {', '.join(map(str, aseeds))}; paper: MOSI)", "",
+        lines += [f"## Ablation table (test split, train.seed {', '.join(map(str, aseeds))} planned; each row is the "
+                  "mean over the seeds it ran, n in the ΔMAE column, PSA-MF over every main seed; paper: MOSI)", "",
                   "| variant | paper MAE | paper Corr | paper Acc2 | paper F1 | our MAE | our Corr | our Non0-Acc2 "
                   "| our Non0-F1 | our ΔMAE vs full (95% CI, paired by seed) | paper ΔAcc2 vs full "
                   "| our ΔNon0-Acc2 vs full |", "|---|" + "---|" * 11]
@@ -276,6 +277,48 @@ def write(res: dict[str, Any]) -> Path:
     return path
 
 
+def targets(res: dict[str, Any], trials: int, full_train: int | None) -> dict[str, bool]:
+    """The targets the module docstring names, from whatever phases `res` holds."""
+    met: dict[str, Any] = {}
+    main_ = res.get("main", {})
+    if {"psamf", "text_baseline"} <= set(main_):
+        met["psamf_beats_text_baseline_mae"] = main_["psamf"]["test"]["mae"] < main_["text_baseline"]["test"]["mae"]
+        if "main_paired" in res:
+            met["psamf_beats_text_baseline_mae_ci_clear_of_zero"] = bool(
+                res["main_paired"]["mae"]["excludes_zero"] and res["main_paired"]["mae"]["mean"] > 0)
+    for p_, v in res.get("search", {}).items():
+        if p_ != "comparison":
+            met[f"search_{p_}_{trials}_trials_within_20_min"] = v["wall_s"] <= TARGET_SEARCH_S
+            if "estimated_full_train_split_s" in v and full_train and res["data"]["train_used"] < full_train:
+                met[f"search_{p_}_estimated_full_train_split_within_20_min"] = (
+                    v["estimated_full_train_split_s"] <= TARGET_SEARCH_S)
+    cmp_ = res.get("search", {}).get("comparison")
+    if cmp_:
+        reach = cmp_["pruned_epochs_to_unpruned_best"]
+        met["pruned_reaches_unpruned_best_within_half_the_epochs"] = (
+            reach is not None and reach <= 0.5 * cmp_["unpruned_epochs_total"])
+        met["pruned_best_le_unpruned_best"] = cmp_["pruned_best"] <= cmp_["unpruned_best"] + 1e-12
+        met["pruned_total_epochs_le_half"] = cmp_["pruned_epochs_total"] <= 0.5 * cmp_["unpruned_epochs_total"]
+    return met
+
+
+def finalize(name: str) -> Path:
+    """Targets, the paper's units and the Markdown for a saved run cut short (killed between
+    phases: every phase was saved as it ended, but not the closing summary)."""
+    from psamf.io import read_json, write_json, write_text
+
+    path = RESULTS / f"{name}.json"
+    res = read_json(path)
+    for d in (res.get("main", {}), res.get("ablations", {})):
+        for v in d.values():
+            v["test_pct"] = pct(v["test"])
+    res["met"] = targets(res, res["settings"]["trials"], res.get("data", {}).get("splits", {}).get("train"))
+    res["finalized_after_cut"] = True
+    write_json(path, res)
+    write_text(RESULTS / f"{name}.md", markdown(res))
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8)
@@ -307,8 +350,13 @@ def main() -> None:
                     help="paper: the official code's form, with MiniLM-L6 for BERT-base (N = L-1 = 5, L_ccl on "
                          "layer L-2 = 4) and the bench's epochs and batch")
     ap.add_argument("--ablation-seeds", default=None, help="train.seed values for the ablations (default: --seeds)")
+    ap.add_argument("--finalize", default=None, metavar="NAME",
+                    help="only rebuild targets and Markdown of bench/results/NAME.json (a run cut short)")
     ap.add_argument("--quick", action="store_true", help="2 trials, 1 epoch, no ablations: a plumbing check")
     args = ap.parse_args()
+    if args.finalize:
+        print(f"-> {finalize(args.finalize)}")
+        return
     if args.quick:
         args.trials, args.tune_epochs, args.train_epochs, args.ablations = 2, 1, 1, "none"
         args.personality_clips, args.train_subset, args.seeds = 64, 64, "0"
@@ -537,27 +585,7 @@ def main() -> None:
     finally:
         res["wall_s"]["total"] = round(time.perf_counter() - t_all, 1)
         res["peak_rss_mib"] = round(peak_rss_mib(), 1)
-        met: dict[str, Any] = {}
-        main_ = res.get("main", {})
-        if {"psamf", "text_baseline"} <= set(main_):
-            met["psamf_beats_text_baseline_mae"] = main_["psamf"]["test"]["mae"] < main_["text_baseline"]["test"]["mae"]
-            if "main_paired" in res:
-                met["psamf_beats_text_baseline_mae_ci_clear_of_zero"] = bool(
-                    res["main_paired"]["mae"]["excludes_zero"] and res["main_paired"]["mae"]["mean"] > 0)
-        for p_, v in res.get("search", {}).items():
-            if p_ != "comparison":
-                met[f"search_{p_}_{args.trials}_trials_within_20_min"] = v["wall_s"] <= TARGET_SEARCH_S
-                if "estimated_full_train_split_s" in v and full_train and res["data"]["train_used"] < full_train:
-                    met[f"search_{p_}_estimated_full_train_split_within_20_min"] = (
-                        v["estimated_full_train_split_s"] <= TARGET_SEARCH_S)
-        cmp_ = res.get("search", {}).get("comparison")
-        if cmp_:
-            reach = cmp_["pruned_epochs_to_unpruned_best"]
-            met["pruned_reaches_unpruned_best_within_half_the_epochs"] = (
-                reach is not None and reach <= 0.5 * cmp_["unpruned_epochs_total"])
-            met["pruned_best_le_unpruned_best"] = cmp_["pruned_best"] <= cmp_["unpruned_best"] + 1e-12
-            met["pruned_total_epochs_le_half"] = cmp_["pruned_epochs_total"] <= 0.5 * cmp_["unpruned_epochs_total"]
-        res["met"] = met
+        res["met"] = targets(res, args.trials, full_train)
         path = write(res)
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
