@@ -42,5 +42,6 @@ def run_isolated(module: str, *args: str) -> dict[str, Any]:
 
 
 def save(name: str, payload: dict[str, Any]) -> Path:
-    payload = {"bench": name, "machine": machine(), **payload}
+    # the machine as it is now: a result saved phase by phase carries the last phase's load, not the first's
+    payload = {**payload, "bench": name, "machine": machine()}
     return write_json(RESULTS / f"{name}.json", payload)

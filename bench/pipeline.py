@@ -205,6 +205,10 @@ def main() -> None:
 
         old = json.loads(previous.read_text())
         res.update({k: old[k] for k in ("kfp_local", "dvc_repro", "fresh_make_demo") if k in old and k not in res})
+        if args.fresh:  # every fresh run of this commit, so a repeat shows the spread, not only the last
+            same = [r for r in old.get("fresh_make_demo_runs", [old.get("fresh_make_demo", {})])
+                    if r.get("commit") == res["fresh_make_demo"]["commit"]]
+            res["fresh_make_demo_runs"] = same + [res["fresh_make_demo"]]
     print(save(name, res))
 
 

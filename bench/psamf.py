@@ -174,7 +174,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"segments (seeded; valid/test whole), train.batch_size {s['batch_size']}, data.seq_len {s['seq_len']}, psamf.max_len {s['psamf_max_len']}, "
              f"{s['torch_threads']} torch thread(s). Our numbers are not comparable in level with the paper's.", "",
              f"Machine: {res['machine']['cpus']} CPUs, load avg (1 min) at the end {res['machine']['load_avg_1m']}. "
-             f"Wall times (s): " + ", ".join(f"{k} {v}" for k, v in res.get("wall_s", {}).items()), ""]
+             + (f"{res['load_note']} " if res.get("load_note") else "")
+             + "Wall times (s): " + ", ".join(f"{k} {v}" for k, v in res.get("wall_s", {}).items()), ""]
     main = res.get("main")
     if main:
         lines += ["## Main table (test split)", "", "| model | " + " | ".join(cols) + " |",
@@ -302,7 +303,7 @@ def targets(res: dict[str, Any], trials: int, full_train: int | None) -> dict[st
     return met
 
 
-def finalize(name: str) -> Path:
+def finalize(name: str, load_note: str | None = None) -> Path:
     """Targets, the paper's units and the Markdown for a saved run cut short (killed between
     phases: every phase was saved as it ended, but not the closing summary)."""
     from psamf.io import read_json, write_json, write_text
@@ -313,6 +314,8 @@ def finalize(name: str) -> Path:
         for v in d.values():
             v["test_pct"] = pct(v["test"])
     res["met"] = targets(res, res["settings"]["trials"], res.get("data", {}).get("splits", {}).get("train"))
+    if load_note:  # the recorded machine is the last save's; the load while it ran is the operator's to add
+        res["load_note"] = load_note
     res["finalized_after_cut"] = True
     write_json(path, res)
     write_text(RESULTS / f"{name}.md", markdown(res))
@@ -352,10 +355,11 @@ def main() -> None:
     ap.add_argument("--ablation-seeds", default=None, help="train.seed values for the ablations (default: --seeds)")
     ap.add_argument("--finalize", default=None, metavar="NAME",
                     help="only rebuild targets and Markdown of bench/results/NAME.json (a run cut short)")
+    ap.add_argument("--load-note", default=None, help="with --finalize: the machine's load while it ran")
     ap.add_argument("--quick", action="store_true", help="2 trials, 1 epoch, no ablations: a plumbing check")
     args = ap.parse_args()
     if args.finalize:
-        print(f"-> {finalize(args.finalize)}")
+        print(f"-> {finalize(args.finalize, args.load_note)}")
         return
     if args.quick:
         args.trials, args.tune_epochs, args.train_epochs, args.ablations = 2, 1, 1, "none"
