@@ -478,3 +478,45 @@ def test_a_trial_never_sees_the_test_split(root, tmp_path, monkeypatch):
     logged = [c for runs in (trial_runs, nested) for c in runs.columns
               if c.startswith("metrics.") and runs[c].notna().any()]
     assert logged and not [c for c in logged if c.startswith("metrics.test_")], logged
+
+
+def test_a_workers_trials_share_the_personality_table_and_write_no_model(root, tmp_path, monkeypatch):
+    """What a worker's trials have in common is computed once: the frozen personality encoder runs
+    over the segments in the first trial only. A trial's value is its best epoch's valid MAE (the
+    best weights are not scored again), and no trial writes a model unless tune.keep_trial_models."""
+    import optuna
+
+    from psamf.models.psamf import CLS_P_KEY, PSAMF
+    from psamf.psa_mf import train as tr
+    from psamf.psa_mf.tune import tune
+
+    monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
+    forwards, saved, scored = [], [], []
+    orig_cls, orig_save, orig_predict = PSAMF.personality_cls, tr._save_model, tr.predict
+
+    def counting_cls(self, batch):
+        if batch.get(CLS_P_KEY) is None:
+            forwards.append(len(batch["input_ids"]))
+        return orig_cls(self, batch)
+
+    monkeypatch.setattr(PSAMF, "personality_cls", counting_cls)
+    monkeypatch.setattr(tr, "_save_model", lambda *a, **k: saved.append(a[0]) or orig_save(*a, **k))
+    monkeypatch.setattr(tr, "predict", lambda *a, **k: scored.append(1) or orig_predict(*a, **k))
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", f"tune.storage={storage}", "tune.pruner=none",
+                  "tune.n_trials=3", "tune.epochs=2")
+    s = tune(cfg, workers=1)
+    assert s["complete"] and s["trials_by_state"]["COMPLETE"] == 3, s["trials_by_state"]
+    n_segments = len(tr.load_split_data(cfg, tr.SELECTION_SPLITS).segments)
+    assert sum(forwards) == n_segments  # the first trial's table, read by the other two
+    assert saved == []
+    assert len(scored) == 3 * 2  # one valid pass per epoch, none after fit
+    study = optuna.load_study(study_name=cfg.tune.study_name, storage=storage)
+    for t in study.trials:
+        assert t.value == t.intermediate_values[t.user_attrs["best_epoch"]]
+
+    # With tune.keep_trial_models the trial's model is written (and kept).
+    cfg = cfg_for(root, f"tune.out_dir={tmp_path}/keep", f"tune.storage=sqlite:///{tmp_path}/keep.db",
+                  "tune.pruner=none", "tune.n_trials=1", "tune.keep_trial_models=true")
+    tune(cfg, workers=1)
+    assert len(saved) == 1 and (Path(saved[0]) / "model.pt").is_file()

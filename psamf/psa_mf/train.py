@@ -62,8 +62,8 @@ from psamf.io import atomic_dir, atomic_path, write_json
 from psamf.metrics import CONVENTIONS, regression_metrics
 from psamf.reports.html import write_csv
 from psamf.training import (PERSONALITY_PREFIX, TEXT_KEYS, Batch, BatchProgress, autocast, config_fingerprint,
-                            discard_checkpoints, fit, predict, resolve_device, seed_everything, to_device, tokenize,
-                            trim_padding)
+                            discard_checkpoints, fit, predict, resolve_device, seed_everything, tensor_digest, to_device,
+                            tokenize, trim_padding)
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +156,22 @@ def segment_tensors(cfg: Config, ds: PreparedDataset, personality: bool) -> tupl
 
 
 def personality_cls_table(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
-                          batch_size: int) -> torch.Tensor:
+                          batch_size: int, cache: dict[str, torch.Tensor] | None = None,
+                          identity: Any = None) -> torch.Tensor:
     """CLS_p of every segment, computed once. The personality encoder is frozen and in eval mode,
     so its output per segment is the same every epoch; computing it per batch cost a forward pass
-    of a whole encoder per step (about a quarter of an epoch's work)."""
+    of a whole encoder per step (about a quarter of an epoch's work).
+
+    `cache` (with the encoder's `identity`, dir_identity) keeps tables across calls: a tune worker's
+    trials share the segments and the frozen encoder, so each trial after the first reads the table.
+    The key covers the encoder, the token tensors, the device and the batch size, so a hit is the
+    table this call would compute."""
     keys = [k for k in tensors if k in TEXT_KEYS or k[len(PERSONALITY_PREFIX):] in TEXT_KEYS]
+    memo = None
+    if cache is not None:
+        memo = config_fingerprint([identity, device.type, batch_size, tensor_digest({k: tensors[k] for k in keys})])
+        if memo in cache:
+            return cache[memo]
     n = len(tensors["input_ids"])
     out = []
     model.eval()
@@ -168,7 +179,10 @@ def personality_cls_table(model: nn.Module, tensors: dict[str, torch.Tensor], de
         for i in range(0, n, batch_size):
             b = to_device(trim_padding({k: tensors[k][i:i + batch_size] for k in keys}), device)
             out.append(model.personality_cls(b).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+    table = torch.cat(out) if out else torch.empty(0)
+    if memo is not None:
+        cache[memo] = table
+    return table
 
 
 def take(tensors: dict[str, torch.Tensor], mask: np.ndarray) -> dict[str, torch.Tensor]:
@@ -338,14 +352,20 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
             report.update(pruned_epoch=pruned["epoch"], valid={"mae": result.best_score})
             write_json(out_dir / "metrics.json", report)
             tracking.set_tags({"pruned": True})
+        elif trial is not None:
+            # A tune trial chooses, so it is scored on valid only, and fit() left the best epoch's
+            # weights in the model, whose valid scores that epoch's evaluate() has already logged.
+            best = next(h for h in result.history if h["epoch"] == result.best_epoch)
+            report["valid"] = {k[len("valid_"):]: v for k, v in best.items() if k.startswith("valid_")}
+            if cfg.tune.keep_trial_models:  # otherwise the trial's model is thrown away: no file worth its writing
+                _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers,
+                            fingerprint=fp, av_simulated=ds.av_simulated)
         else:
             report["valid"] = scores(model, "valid", keep=True)
-            if trial is None:  # a tune trial chooses, so it is scored on valid only
-                report["test"] = scores(model, "test", keep=True)
-            if trial is None:  # a tune trial's model is thrown away: no file worth its writing
-                write_predictions(out_dir / PREDICTIONS, ds, held_out)
-                write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
-                tracking.log_artifact(out_dir / PREDICTIONS, "train")
+            report["test"] = scores(model, "test", keep=True)
+            write_predictions(out_dir / PREDICTIONS, ds, held_out)
+            write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
+            tracking.log_artifact(out_dir / PREDICTIONS, "train")
             _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
                         av_simulated=ds.av_simulated)
             write_json(out_dir / "metrics.json", report)
@@ -458,10 +478,12 @@ def _base_fingerprint(cfg: Config, ds: PreparedDataset, device: torch.device, am
 
 # ---------------------------------------------------------------------------- stages
 
-def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -> dict[str, Any]:
+def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None,
+                shared: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train PSA-MF (with cfg.psamf.ablation); see the module docstring. Returns the report:
     valid (best epoch) and test metrics in every convention, best_epoch, history, corpus,
-    av_simulated, ablation, out_dir, model_dir (and more)."""
+    av_simulated, ablation, out_dir, model_dir (and more). `shared`: a dict kept across calls
+    (a tune worker's trials) for what they have in common, the CLS_p table."""
     from psamf.models.psamf import CLS_P_KEY, PSAMF
 
     ds = load_split_data(cfg, SELECTION_SPLITS if trial is not None else SPLITS)
@@ -480,8 +502,10 @@ def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -
     except ValueError as e:
         raise InputError("psamf", str(e).splitlines()[0]) from None
     model.to(device)
+    pers_identity = dir_identity(cfg.psamf.personality_encoder) if personality else None
     if model.personality_encoder is not None:
-        tensors[CLS_P_KEY] = personality_cls_table(model, tensors, device, max(64, cfg.train.batch_size))
+        tensors[CLS_P_KEY] = personality_cls_table(model, tensors, device, max(64, cfg.train.batch_size),
+                                                   cache=shared, identity=pers_identity)
 
     def loss_parts(m: nn.Module, b: Batch):
         o = m(b)
@@ -491,7 +515,7 @@ def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None) -
         return m(b).pred
 
     fingerprint = {"kind": "psamf", "psamf": asdict(cfg.psamf), **_base_fingerprint(cfg, ds, device, amp),
-                   "personality_encoder": dir_identity(cfg.psamf.personality_encoder) if personality else None}
+                   "personality_encoder": pers_identity}
     pers = model.personality_encoder
     extra = {"audio_dim": audio_dim, "visual_dim": visual_dim,
              "personality_tokenizer": (cfg.psamf.personality_encoder if tok_info["personality_tokenizer"] else None),

@@ -281,7 +281,7 @@ def _claim_trial_dir(trial, cfg: Config) -> tuple[Path, int | None]:
     return out, None if inherited is None else key
 
 
-def _train_trial(trial, cfg_t: Config, out: Path) -> tuple[float, Exception | None]:
+def _train_trial(trial, cfg_t: Config, out: Path, shared: dict[str, Any] | None = None) -> tuple[float, Exception | None]:
     """Train inside the trial's MLflow run: (valid MAE, the TrialPruned or NonFiniteError to raise
     once that run is closed), logging valid MAE per epoch and the trial's state."""
     import optuna
@@ -291,7 +291,7 @@ def _train_trial(trial, cfg_t: Config, out: Path) -> tuple[float, Exception | No
     rec = _RecordingTrial(trial)
     value, stop, state = math.nan, None, "FAIL"
     try:
-        report = train_psamf(cfg_t, trial=rec, out_dir=out)
+        report = train_psamf(cfg_t, trial=rec, out_dir=out, shared=shared)
         value = float(report["valid"]["mae"])
         trial.set_user_attr("best_epoch", report["best_epoch"])
         trial.set_user_attr("av_simulated", bool(report["av_simulated"]))
@@ -319,6 +319,7 @@ class Objective:
 
     def __init__(self, cfg: Config, depth: int, on_start: Callable[[], None] | None = None):
         self.cfg, self.depth, self.on_start = cfg, depth, on_start
+        self.shared: dict[str, Any] = {}  # what this worker's trials have in common (train_psamf's `shared`)
 
     def __call__(self, trial) -> float:
         if self.on_start is not None:  # the trial exists now: let other workers ask for theirs
@@ -333,7 +334,7 @@ class Objective:
             with tracking.stage_run(cfg_t, "tune-trial", run_name=f"trial-{trial.number}", tags=tags) as run:
                 if run.info.run_id:
                     trial.set_user_attr("mlflow_run_id", run.info.run_id)
-                value, stop = _train_trial(trial, cfg_t, out)
+                value, stop = _train_trial(trial, cfg_t, out, self.shared)
         finally:
             _cleanup_trial_dir(out, cfg.tune.keep_trial_models)
         if stop is not None:  # raised only now, so the MLflow run ends FINISHED, its state in a tag
