@@ -368,6 +368,7 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
             tracking.log_artifact(out_dir / PREDICTIONS, "train")
             _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
                         av_simulated=ds.av_simulated)
+        if pruned["epoch"] is None:
             write_json(out_dir / "metrics.json", report)
             tracking.log_metrics({**{f"best_valid_{k}": v for k, v in report["valid"].items()},
                                   **{f"test_{k}": v for k, v in report.get("test", {}).items()},
