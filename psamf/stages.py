@@ -48,8 +48,10 @@ def task(name: str):
         @functools.wraps(fn)
         def run(*args, **kwargs):
             from psamf.logs import install_redaction
+            from psamf.resources import skip_final_gc_at_exit
 
             install_redaction()  # a kfp.local/KFP task process never ran the CLI's logging set-up
+            skip_final_gc_at_exit()  # the task's process ends when it returns
             try:
                 out = fn(*args, **kwargs)
             except Exception as e:

@@ -26,6 +26,9 @@ def _options(ctx: typer.Context, log_level: Annotated[str, typer.Option(
         "--log-level", envvar="PSAMF_LOG_LEVEL", help="DEBUG | INFO | WARNING | ERROR")] = "WARNING") -> None:
     """Personalized multimodal sentiment analysis pipeline."""
     from psamf.logs import configure
+    from psamf.resources import skip_final_gc_at_exit
+
+    skip_final_gc_at_exit()  # one command per process: `dvc repro` starts one per stage
 
     try:
         configure(log_level)
