@@ -74,13 +74,6 @@ def loo_report(profile: str, overrides: List[str], params_yaml: str, fingerprint
 
 
 @component
-def tune_study(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, dataset: Input[Dataset],
-               personality_model: Input[Model]) -> str:
-    from psamf.stages import tune_study_stage
-    return tune_study_stage(profile, overrides, params_yaml, fingerprint, dataset.path, personality_model.path)
-
-
-@component
 def tune_worker(profile: str, overrides: List[str], params_yaml: str, fingerprint: str, rank: int,
                 dataset: Input[Dataset], personality_model: Input[Model], trials: Output[Artifact]):
     from psamf.stages import tune_worker_stage

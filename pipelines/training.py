@@ -3,7 +3,7 @@
     fingerprint (never cached) -> fetch_data -> ingest -> validate (a failure stops the run)
         |-> personality
         |-> ParallelFor(loo_ranks): pretrain -> finetune      -> loo_report (Collected)
-        `-> tune_study -> ParallelFor(tune_workers): tune_worker -> tune_report -> train
+        `-> ParallelFor(tune_workers): tune_worker -> tune_report -> train
     register (after train and loo_report) -> report (every model per LOO user; the last task)
 
 Parameters: `profile`, `overrides` (`section.key=value`) and `params_yaml` (the text of a
@@ -43,7 +43,7 @@ CHECKPOINTED = ("psamf-mlflow", "psamf-s3")  # durable checkpoints in S3 (psamf.
 TUNE = ("psamf-mlflow", "psamf-optuna")
 # One ReadWriteMany volume of encoder weights, so no pod downloads a model twice.
 HF_CACHE_PVC, HF_CACHE_MOUNT = "psamf-hf-cache", "/cache/huggingface"
-ENCODER_STAGES = ("ingest", "personality", "tune-study", "tune-worker", "tune-report", "train", "register")
+ENCODER_STAGES = ("ingest", "personality", "tune-worker", "tune-report", "train", "register")
 LOO_PARALLELISM = 4
 
 
@@ -90,12 +90,9 @@ def train_and_register(profile: str, overrides: List[str], params_yaml: str, fin
                        "loo-report", cpu="1", memory="4G")
 
     personality_model = pers.outputs["model"]
-    study = configure(stages.tune_study(dataset=dataset, personality_model=personality_model, **common),
-                      "tune-study", cpu="1", memory="4G", secrets=TUNE)
     with dsl.ParallelFor(tune_workers) as worker:
         trials = configure(stages.tune_worker(rank=worker, dataset=dataset, personality_model=personality_model,
                                               **common), "tune-worker", secrets=(*TUNE, "psamf-s3"))
-        trials.after(study)
     search = configure(stages.tune_report(dataset=dataset, personality_model=personality_model,
                                           workers=dsl.Collected(trials.outputs["trials"]), **common),
                        "tune-report", cpu="1", memory="4G", secrets=TUNE)

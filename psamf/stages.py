@@ -345,27 +345,17 @@ def _tune_config(profile: str, overrides: Sequence[str], params_yaml: str, finge
     return cfg
 
 
-@task("tune-study")
-def tune_study_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
-                     personality: str) -> str:
-    """Create the study once, before any worker task starts (concurrent creation races)."""
-    from psamf.psa_mf.tune import create_study, preflight
-
-    cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality, tempfile.mkdtemp())
-    preflight(cfg)
-    create_study(cfg)
-    return cfg.tune.study_name
-
-
 @task("tune-worker")
 def tune_worker_stage(profile: str, overrides: Sequence[str], params_yaml: str, fingerprint: str, dataset: str,
                       personality: str, rank: int, out_dir: str) -> dict[str, Any]:
-    """One worker of the study (a ParallelFor iteration, one GPU each on a cluster)."""
+    """One worker of the study (a ParallelFor iteration, one GPU each on a cluster). The first
+    worker to reach the storage creates the study; the others find it (create_study handles the
+    race), so no task runs before them just to create it."""
     from psamf.psa_mf.tune import tune
 
     set_task_threads()
     cfg = _tune_config(profile, overrides, params_yaml, fingerprint, dataset, personality, out_dir)
-    return tune(cfg, workers=1, join=True, worker_index=rank)
+    return tune(cfg, workers=1, join=True, worker_index=rank, create=True)
 
 
 @task("tune-report")

@@ -39,7 +39,7 @@ def _deps(tasks: dict, t: str) -> set:
 
 
 STAGES = ("fingerprint", "fetch-data", "ingest", "validate", "personality", "pretrain", "finetune", "loo-report",
-          "tune-study", "tune-worker", "tune-report", "train", "register", "report")
+          "tune-worker", "tune-report", "train", "register", "report")
 
 
 def test_dag_order(compiled):
@@ -57,7 +57,7 @@ def test_dag_order(compiled):
     assert {"validate", "ingest"} <= deps(loo)
     assert "pretrain" in deps("finetune")
     assert loo in deps("loo-report")
-    assert {"personality", "tune-study"} <= deps(workers)  # the study exists before any worker starts
+    assert "personality" in deps(workers)  # the first worker creates the study: no task before them for it
     assert workers in deps("tune-report") and "tune-report" in deps("train")
     assert "train" in deps("register") and "loo-report" in deps("register")
     assert {"train", "loo-report", "register"} <= deps("report")  # last: it completes the parent run
@@ -101,7 +101,7 @@ def _secrets(k8s: dict, task: str) -> set[str]:
 def test_each_task_mounts_only_the_secrets_it_uses(compiled):
     _, platform = compiled
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for t in ("tune-study", "tune-worker", "tune-report"):
+    for t in ("tune-worker", "tune-report"):
         assert "psamf-optuna" in _secrets(k8s, t), t
     assert not any("psamf-optuna" in _secrets(k8s, t) for t in STAGES if not t.startswith("tune-") and t != "register")
     lock = [s for s in k8s["exec-register"]["secretAsEnv"] if s["secretName"] == "psamf-optuna"]

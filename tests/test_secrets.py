@@ -91,9 +91,8 @@ def test_tune_and_train_through_the_pipeline_code_leak_no_credential(tmp_path, m
         o.fetch_stage(*common, fp["fingerprint"], "synthetic", fp["data_version"], str(raw))
         o.ingest_stage(*common, fp["fingerprint"], str(raw), str(dataset))
         pers = str(tmp_path / "pers")
-        study = o.tune_study_stage(*common, fp["fingerprint"], str(dataset), pers)
-        assert fp["fingerprint"] in study
-        o.tune_worker_stage(*common, fp["fingerprint"], str(dataset), pers, 0, str(kfp / "worker-0"))
+        joined = o.tune_worker_stage(*common, fp["fingerprint"], str(dataset), pers, 0, str(kfp / "worker-0"))
+        assert fp["fingerprint"] in joined["joined"]  # the worker created its run's own study
         o.tune_report_stage(*common, fp["fingerprint"], str(dataset), pers, str(kfp / "best_params.json"))
         result = o.train_stage(*common, fp["fingerprint"], str(dataset), pers, str(kfp / "best_params.json"),
                                str(kfp / "model"))

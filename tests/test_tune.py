@@ -520,3 +520,19 @@ def test_a_workers_trials_share_the_personality_table_and_write_no_model(root, t
                   "tune.pruner=none", "tune.n_trials=1", "tune.keep_trial_models=true")
     tune(cfg, workers=1)
     assert len(saved) == 1 and (Path(saved[0]) / "model.pt").is_file()
+
+
+def test_joining_workers_create_the_study_when_none_exists(root, tmp_path, monkeypatch):
+    """KFP's tune-worker tasks start on an empty storage with no task before them: the first
+    creates the study (the others find it), and a plain `--join` still requires one to exist."""
+    from psamf.psa_mf.tune import tune
+
+    monkeypatch.delenv("PSAMF_OPTUNA_STORAGE", raising=False)
+    cfg = cfg_for(root, f"tune.out_dir={tmp_path}/tune", f"tune.storage=sqlite:///{tmp_path}/optuna.db",
+                  "tune.pruner=none", "tune.n_trials=1", "tune.study_name=fresh")
+    with pytest.raises(InputError, match="run `psamf tune` first"):
+        tune(cfg, workers=1, join=True, worker_index=0)
+    joined = tune(cfg, workers=1, join=True, worker_index=0, create=True)
+    assert joined["joined"] == "fresh" and joined["trials_by_state"]["COMPLETE"] == 1
+    again = tune(cfg, workers=1, join=True, worker_index=1, create=True)  # a late worker: the study is done
+    assert again["trials_by_state"]["COMPLETE"] == 1

@@ -210,11 +210,13 @@ def _incomplete(cfg: Config, study, results: list[dict[str, Any]]) -> RuntimeErr
 
 
 def tune(cfg: Config, workers: int | None = None, *, join: bool = False,
-         worker_index: int | None = None) -> dict[str, Any]:
+         worker_index: int | None = None, create: bool = False) -> dict[str, Any]:
     """The `tune` stage: create the study once, run `workers` workers (processes when > 1, in
-    this process when 1), write the report. `join`: the study must exist (another node or KFP
-    task created it); run workers only and return their results, no report. `worker_index`
-    seeds a joining worker (KFP passes its ParallelFor rank; default: from the host name)."""
+    this process when 1), write the report. `join`: run workers only and return their results,
+    no report; the study must exist (another node created it) unless `create`, with which the
+    first joining worker creates it (KFP's worker tasks: create_study survives the race).
+    `worker_index` seeds a joining worker (KFP passes its ParallelFor rank; default: from the
+    host name)."""
     workers = cfg.tune.workers if workers is None else workers
     if workers < 1:
         raise InputError("--workers", f"must be >= 1, got {workers}")
@@ -235,7 +237,7 @@ def tune(cfg: Config, workers: int | None = None, *, join: bool = False,
         first = worker_index
     else:
         first = (zlib.crc32(socket.gethostname().encode()) % 100_000) + 1
-    study = (load_study(cfg, worker=first, parallel=parallel) if join
+    study = (load_study(cfg, worker=first, parallel=parallel) if join and not create
              else create_study(cfg, worker=first, parallel=parallel))
     results: list[dict[str, Any]]
     with tracking.stage_run(cfg, "tune", run_name=f"tune[{cfg.data.corpus}]" + (f"[worker {first}]" if join else ""),
