@@ -239,13 +239,10 @@ def ingest_stage(profile: str, overrides: Sequence[str], params_yaml: str, finge
                  dataset: str, metrics: MetricsSink | None = None) -> dict[str, Any]:
     """Ingest the fetched corpus, then precompute the text features once for every later task."""
     from psamf.data.ingest import ingest
-    from psamf.data.prepared import load_prepared
-    from psamf.data.text_features import text_features
 
     set_task_threads()
     cfg = stage_config(profile, overrides, params_yaml, fingerprint, raw=raw, dataset=dataset)
-    report = ingest(cfg)
-    text_features(cfg, load_prepared(cfg.data.prepared_path))
+    report = ingest(cfg, text_features=True)
     log_metrics(metrics, {k: report[k] for k in ("n_labelled", "n_prepared")})
     return report
 

@@ -201,6 +201,28 @@ def test_synth_ingest_counts_and_nonfinite_policy(smoke_cfg):
         ingest(smoke_cfg)
 
 
+def test_the_pipeline_ingest_fills_the_text_feature_cache_inside_its_run(smoke_cfg):
+    """The pipeline's ingest task precomputes the text features for every later task: that work
+    is the ingest stage's, so its MLflow run spans it (a run that closed before it would show the
+    stage as seconds shorter than it was). Plain `ingest` leaves the cache to the first reader."""
+    from pathlib import Path
+
+    import mlflow
+
+    from psamf.tracking import tracking_uri
+
+    write_synthetic_corpus(smoke_cfg)
+    cache = Path(smoke_cfg.text_features.cache_dir)
+    ingest(smoke_cfg)
+    assert not list(cache.glob("*.npz"))
+    ingest(smoke_cfg, text_features=True)
+    (features,) = cache.glob("*.npz")
+    client = mlflow.MlflowClient(tracking_uri(smoke_cfg))
+    runs = client.search_runs([client.get_experiment_by_name(smoke_cfg.tracking.experiment).experiment_id],
+                              "tags.stage = 'ingest'", order_by=["attributes.start_time DESC"], max_results=1)
+    assert runs[0].info.end_time / 1e3 >= features.stat().st_mtime
+
+
 # ---- MOSI ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

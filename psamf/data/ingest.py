@@ -211,9 +211,11 @@ def build_prepared(cfg: Config, src: CorpusSources) -> tuple[PreparedDataset, di
     return PreparedDataset(segments, arrays, manifest), manifest
 
 
-def ingest(cfg: Config) -> dict[str, Any]:
+def ingest(cfg: Config, *, text_features: bool = False) -> dict[str, Any]:
     """Build and atomically write <prepared_dir>/<corpus>/; returns a JSON-able report.
-    data.format mmsa | mult reads MMSA's / MulT's pickle instead (psamf.data.pickles)."""
+    data.format mmsa | mult reads MMSA's / MulT's pickle instead (psamf.data.pickles).
+    `text_features`: also fill the text-feature cache (text_features.cache_dir), inside the stage's
+    run: the pipeline's ingest task does, so that every later task reads the features."""
     from psamf import tracking
     from psamf.data.pickles import build_from_pickle
 
@@ -227,6 +229,11 @@ def ingest(cfg: Config) -> dict[str, Any]:
                               "n_orphan_transcripts": len(manifest["orphan_transcripts"]),
                               **{f"nonfinite_{m}": manifest["nonfinite"][m] for m in MODALITIES}})
         tracking.log_artifact(out / "manifest.json", "ingest")
+        if text_features:
+            from psamf.data.prepared import load_prepared
+            from psamf.data.text_features import text_features as compute_text_features
+
+            compute_text_features(cfg, load_prepared(out))
     for e in manifest["excluded"]:
         log.warning("excluded %s: %s", e["segment_id"], e["reason"])
     text_src = src.transcripts if src is not None else manifest["sources"].get("label_csv", {}).get("path")
