@@ -407,3 +407,31 @@ def test_the_frozen_personality_encoder_runs_once_per_segment_not_every_step(env
         direct = orig(model.eval(), first)
     assert table.shape[0] == n_segments
     assert torch.allclose(table[:5], direct, atol=1e-5)
+
+
+def test_the_train_run_spans_the_set_up_as_well_as_the_epochs(env, monkeypatch):
+    """The `train` MLflow run opens once the inputs are checked, before the encoders load and the
+    CLS_p table is computed: its duration is the stage's, not only the epochs'."""
+    import time
+
+    import mlflow
+
+    from psamf.psa_mf import train as tr
+    from psamf.tracking import tracking_uri
+
+    root, _, _ = env
+    cfg = cfg_for(root, f"train.out_dir={root}/span")
+    seen = {}
+    orig = tr.personality_cls_table
+
+    def timed(*a, **k):
+        seen["table_at"] = time.time()
+        seen["run"] = mlflow.active_run()
+        return orig(*a, **k)
+
+    monkeypatch.setattr(tr, "personality_cls_table", timed)
+    tr.train_psamf(cfg)
+    assert seen["run"] is not None and seen["run"].data.tags.get("stage") == "train"
+    run = mlflow.MlflowClient(tracking_uri(cfg)).get_run(seen["run"].info.run_id)
+    assert run.info.start_time / 1e3 <= seen["table_at"] <= run.info.end_time / 1e3
+    assert run.info.status == "FINISHED" and run.data.tags["av_simulated"] == "false"

@@ -267,7 +267,8 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
          model: nn.Module, loss_parts: Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]],
          forward: Callable[[nn.Module, Batch], torch.Tensor], device: torch.device, amp: bool,
          out_dir: Path, fingerprint: dict, save_extra: dict, tokenizers: dict, trial=None,
-         run_name: str, tags: dict) -> dict[str, Any]:
+         run_name: str) -> dict[str, Any]:
+    """Fit, score and save, inside the caller's `train` run (_train_run)."""
     tc = cfg.train
     split = ds.segments["split"].to_numpy()
     data = {s: take(tensors, split == s) for s in SPLITS if (split == s).any()}
@@ -323,64 +324,63 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
     fp = config_fingerprint(fingerprint)
     opt = make_optimizer(model, tc)
     scheduler = lr_scheduler(opt, tc, n_train=len(data["train"]["label"]))
-    if trial is not None:
-        tags = {**tags, "trial": getattr(trial, "number", "")}
     store = store_for(cfg, "tune-trial" if trial is not None else "train", fp)
-    # Not per tune trial: a sampler thread per short trial run slowed the demo's search (DECISIONS.md).
-    with tracking.stage_run(cfg, "train", run_name=run_name, tags=tags, system_metrics=trial is None):
-        result = fit(model, opt, data["train"], loss_fn, evaluate, epochs=tc.epochs, batch_size=tc.batch_size,
-                     patience=tc.patience, seed=tc.seed, ckpt_dir=ckpt, fingerprint=fp, monitor="valid_mae",
-                     grad_clip=tc.grad_clip,
-                     on_epoch=tracking.epoch_logger(), desc=run_name, should_stop=should_stop,
-                     scheduler=scheduler, store=store, suspects=_suspects(cfg, kind))
-        progress.close()
-        report: dict[str, Any] = {
-            "model": kind, "corpus": cfg.data.corpus, "av_simulated": ds.av_simulated,
-            "ablation": cfg.psamf.ablation if kind == "psamf" else None,
-            "text_encoder": cfg.psamf.encoder, "profile": cfg.profile,
-            "n_train": len(data["train"]["label"]), "n_valid": len(data["valid"]["label"]),
-            "n_test": len(data["test"]["label"]) if "test" in data else 0, "epochs": tc.epochs, "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
-            "history": result.history, "device": device.type, "amp": amp, "fingerprint": fp,
-            "out_dir": str(out_dir), "model_dir": str(out_dir), "pruned": pruned["epoch"] is not None,
-            "metric_conventions": CONVENTIONS,
-        }
-        if kind == "psamf":
-            report["personality_encoder"] = (None if cfg.psamf.ablation == "no_personality"
-                                             else cfg.psamf.personality_encoder)
-        if pruned["epoch"] is not None:
-            report.update(pruned_epoch=pruned["epoch"], valid={"mae": result.best_score})
-            write_json(out_dir / "metrics.json", report)
-            tracking.set_tags({"pruned": True})
-        elif trial is not None:
-            # A tune trial chooses, so it is scored on valid only, and fit() left the best epoch's
-            # weights in the model, whose valid scores that epoch's evaluate() has already logged.
-            best = next(h for h in result.history if h["epoch"] == result.best_epoch)
-            report["valid"] = {k[len("valid_"):]: v for k, v in best.items() if k.startswith("valid_")}
-            if cfg.tune.keep_trial_models:  # otherwise the trial's model is thrown away: no file worth its writing
-                _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers,
-                            fingerprint=fp, av_simulated=ds.av_simulated)
-        else:
-            report["valid"] = scores(model, "valid", keep=True)
-            report["test"] = scores(model, "test", keep=True)
-            write_predictions(out_dir / PREDICTIONS, ds, held_out)
-            write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
-            tracking.log_artifact(out_dir / PREDICTIONS, "train")
-            _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
-                        av_simulated=ds.av_simulated)
-        if pruned["epoch"] is None:
-            write_json(out_dir / "metrics.json", report)
-            tracking.log_metrics({**{f"best_valid_{k}": v for k, v in report["valid"].items()},
-                                  **{f"test_{k}": v for k, v in report.get("test", {}).items()},
-                                  "best_epoch": result.best_epoch})
-            tracking.log_artifact(out_dir / "metrics.json", "train")
-    discard_checkpoints(ckpt, store, tc.keep_checkpoints)
+    result = fit(model, opt, data["train"], loss_fn, evaluate, epochs=tc.epochs, batch_size=tc.batch_size,
+                 patience=tc.patience, seed=tc.seed, ckpt_dir=ckpt, fingerprint=fp, monitor="valid_mae",
+                 grad_clip=tc.grad_clip,
+                 on_epoch=tracking.epoch_logger(), desc=run_name, should_stop=should_stop,
+                 scheduler=scheduler, store=store, suspects=_suspects(cfg, kind))
+    progress.close()
+    report: dict[str, Any] = {
+        "model": kind, "corpus": cfg.data.corpus, "av_simulated": ds.av_simulated,
+        "ablation": cfg.psamf.ablation if kind == "psamf" else None,
+        "text_encoder": cfg.psamf.encoder, "profile": cfg.profile,
+        "n_train": len(data["train"]["label"]), "n_valid": len(data["valid"]["label"]),
+        "n_test": len(data["test"]["label"]) if "test" in data else 0, "epochs": tc.epochs, "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
+        "history": result.history, "device": device.type, "amp": amp, "fingerprint": fp,
+        "out_dir": str(out_dir), "model_dir": str(out_dir), "pruned": pruned["epoch"] is not None,
+        "metric_conventions": CONVENTIONS,
+    }
+    if kind == "psamf":
+        report["personality_encoder"] = (None if cfg.psamf.ablation == "no_personality"
+                                         else cfg.psamf.personality_encoder)
     if pruned["epoch"] is not None:
-        import optuna
-
-        raise optuna.TrialPruned(f"pruned after epoch {pruned['epoch']} "
-                                 f"(valid MAE {result.history[-1]['valid_mae']:.4f})")
+        report.update(pruned_epoch=pruned["epoch"], valid={"mae": result.best_score})
+        write_json(out_dir / "metrics.json", report)
+        tracking.set_tags({"pruned": True})
+    elif trial is not None:
+        # A tune trial chooses, so it is scored on valid only, and fit() left the best epoch's
+        # weights in the model, whose valid scores that epoch's evaluate() has already logged.
+        best = next(h for h in result.history if h["epoch"] == result.best_epoch)
+        report["valid"] = {k[len("valid_"):]: v for k, v in best.items() if k.startswith("valid_")}
+        if cfg.tune.keep_trial_models:  # otherwise the trial's model is thrown away: no file worth its writing
+            _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers,
+                        fingerprint=fp, av_simulated=ds.av_simulated)
+    else:
+        report["valid"] = scores(model, "valid", keep=True)
+        report["test"] = scores(model, "test", keep=True)
+        write_predictions(out_dir / PREDICTIONS, ds, held_out)
+        write_csv(out_dir / HISTORY, pd.DataFrame(result.history))  # x = epoch, for `dvc plots`
+        tracking.log_artifact(out_dir / PREDICTIONS, "train")
+        _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
+                    av_simulated=ds.av_simulated)
+    if pruned["epoch"] is None:
+        write_json(out_dir / "metrics.json", report)
+        tracking.log_metrics({**{f"best_valid_{k}": v for k, v in report["valid"].items()},
+                              **{f"test_{k}": v for k, v in report.get("test", {}).items()},
+                              "best_epoch": result.best_epoch})
+        tracking.log_artifact(out_dir / "metrics.json", "train")
+    discard_checkpoints(ckpt, store, tc.keep_checkpoints)
     return report
+
+
+def _pruned(report: dict[str, Any]) -> Exception:
+    """Raised by the caller once its run is closed: a pruned trial's train run ends FINISHED."""
+    import optuna
+
+    return optuna.TrialPruned(f"pruned after epoch {report['pruned_epoch']} "
+                              f"(valid MAE {report['history'][-1]['valid_mae']:.4f})")
 
 
 def _suspects(cfg: Config, kind: str) -> dict[str, Any]:
@@ -477,6 +477,16 @@ def _base_fingerprint(cfg: Config, ds: PreparedDataset, device: torch.device, am
             "text_encoder": dir_identity(cfg.psamf.encoder)}
 
 
+def _train_run(cfg: Config, ds: PreparedDataset, run_name: str, tags: dict[str, Any], trial=None):
+    """The stage's `train` run, opened once the inputs are checked, so that it spans the work:
+    tokenizing, loading the encoders and the CLS_p table as well as the epochs."""
+    if trial is not None:
+        tags = {**tags, "trial": getattr(trial, "number", "")}
+    # Not per tune trial: a sampler thread per short trial run slowed the demo's search (DECISIONS.md).
+    return tracking.stage_run(cfg, "train", run_name=run_name, tags={**tags, "av_simulated": ds.av_simulated},
+                              system_metrics=trial is None)
+
+
 # ---------------------------------------------------------------------------- stages
 
 def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None,
@@ -494,39 +504,42 @@ def train_psamf(cfg: Config, *, trial=None, out_dir: str | Path | None = None,
     device = resolve_device(cfg.train.device)
     amp = bool(cfg.train.amp) and device.type == "cuda"
     out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
-    tensors, tok_info = segment_tensors(cfg, ds, personality)
-    audio_dim, visual_dim = int(tensors["audio"].shape[-1]), int(tensors["visual"].shape[-1])
+    with _train_run(cfg, ds, f"train[{ablation}]", {"ablation": ablation, "model": "psamf"}, trial):
+        tensors, tok_info = segment_tensors(cfg, ds, personality)
+        audio_dim, visual_dim = int(tensors["audio"].shape[-1]), int(tensors["visual"].shape[-1])
 
-    seed_everything(cfg.train.seed)
-    try:
-        model = PSAMF.from_config(cfg.psamf, audio_dim, visual_dim)
-    except ValueError as e:
-        raise InputError("psamf", str(e).splitlines()[0]) from None
-    model.to(device)
-    pers_identity = dir_identity(cfg.psamf.personality_encoder) if personality else None
-    if model.personality_encoder is not None:
-        tensors[CLS_P_KEY] = personality_cls_table(model, tensors, device, max(64, cfg.train.batch_size),
-                                                   cache=shared, identity=pers_identity)
+        seed_everything(cfg.train.seed)
+        try:
+            model = PSAMF.from_config(cfg.psamf, audio_dim, visual_dim)
+        except ValueError as e:
+            raise InputError("psamf", str(e).splitlines()[0]) from None
+        model.to(device)
+        pers_identity = dir_identity(cfg.psamf.personality_encoder) if personality else None
+        if model.personality_encoder is not None:
+            tensors[CLS_P_KEY] = personality_cls_table(model, tensors, device, max(64, cfg.train.batch_size),
+                                                       cache=shared, identity=pers_identity)
 
-    def loss_parts(m: nn.Module, b: Batch):
-        o = m(b)
-        return o.total, o.losses()
+        def loss_parts(m: nn.Module, b: Batch):
+            o = m(b)
+            return o.total, o.losses()
 
-    def forward(m: nn.Module, b: Batch) -> torch.Tensor:
-        return m(b).pred
+        def forward(m: nn.Module, b: Batch) -> torch.Tensor:
+            return m(b).pred
 
-    fingerprint = {"kind": "psamf", "psamf": asdict(cfg.psamf), **_base_fingerprint(cfg, ds, device, amp),
-                   "personality_encoder": pers_identity}
-    pers = model.personality_encoder
-    extra = {"audio_dim": audio_dim, "visual_dim": visual_dim,
-             "personality_tokenizer": (cfg.psamf.personality_encoder if tok_info["personality_tokenizer"] else None),
-             "encoder_configs": {"text": model.text.config.to_dict(),
-                                 "personality": pers.config.to_dict() if pers is not None else None}}
-    tokenizers = {"tokenizer": tok_info["tokenizer"], "personality_tokenizer": tok_info["personality_tokenizer"]}
-    return _run(cfg, kind="psamf", ds=ds, tensors=tensors, model=model, loss_parts=loss_parts, forward=forward,
-                device=device, amp=amp, out_dir=out, fingerprint=fingerprint, save_extra=extra,
-                tokenizers=tokenizers, trial=trial, run_name=f"train[{ablation}]",
-                tags={"ablation": ablation, "av_simulated": ds.av_simulated, "model": "psamf"})
+        fingerprint = {"kind": "psamf", "psamf": asdict(cfg.psamf), **_base_fingerprint(cfg, ds, device, amp),
+                       "personality_encoder": pers_identity}
+        pers = model.personality_encoder
+        extra = {"audio_dim": audio_dim, "visual_dim": visual_dim,
+                 "personality_tokenizer": (cfg.psamf.personality_encoder if tok_info["personality_tokenizer"] else None),
+                 "encoder_configs": {"text": model.text.config.to_dict(),
+                                     "personality": pers.config.to_dict() if pers is not None else None}}
+        tokenizers = {"tokenizer": tok_info["tokenizer"], "personality_tokenizer": tok_info["personality_tokenizer"]}
+        report = _run(cfg, kind="psamf", ds=ds, tensors=tensors, model=model, loss_parts=loss_parts,
+                      forward=forward, device=device, amp=amp, out_dir=out, fingerprint=fingerprint,
+                      save_extra=extra, tokenizers=tokenizers, trial=trial, run_name=f"train[{ablation}]")
+    if report["pruned"]:
+        raise _pruned(report)
+    return report
 
 
 def train_text_baseline(cfg: Config, *, out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -537,18 +550,19 @@ def train_text_baseline(cfg: Config, *, out_dir: str | Path | None = None) -> di
     device = resolve_device(cfg.train.device)
     amp = bool(cfg.train.amp) and device.type == "cuda"
     out = Path(out_dir) if out_dir is not None else default_out_dir(cfg, "text_baseline")
-    tensors, tok_info = segment_tensors(cfg, ds, personality=False)
-    seed_everything(cfg.train.seed)
-    model = TextRegressor(load_encoder(cfg.psamf.encoder), cfg.psamf.dropout).to(device)
+    with _train_run(cfg, ds, "train[text_baseline]", {"model": "text_baseline"}):
+        tensors, tok_info = segment_tensors(cfg, ds, personality=False)
+        seed_everything(cfg.train.seed)
+        model = TextRegressor(load_encoder(cfg.psamf.encoder), cfg.psamf.dropout).to(device)
 
-    def loss_parts(m: nn.Module, b: Batch):
-        l1 = nn.functional.l1_loss(m(b).float(), b["label"].float())
-        return l1, {"l1": float(l1.detach())}
+        def loss_parts(m: nn.Module, b: Batch):
+            l1 = nn.functional.l1_loss(m(b).float(), b["label"].float())
+            return l1, {"l1": float(l1.detach())}
 
-    fingerprint = {"kind": "text_baseline", "encoder": cfg.psamf.encoder, "max_len": cfg.psamf.max_len,
-                   "dropout": cfg.psamf.dropout, **_base_fingerprint(cfg, ds, device, amp)}
-    extra = {"dropout": cfg.psamf.dropout, "encoder_configs": {"text": model.encoder.config.to_dict()}}
-    return _run(cfg, kind="text_baseline", ds=ds, tensors=tensors, model=model, loss_parts=loss_parts,
-                forward=lambda m, b: m(b), device=device, amp=amp, out_dir=out, fingerprint=fingerprint,
-                save_extra=extra, tokenizers={"tokenizer": tok_info["tokenizer"]}, trial=None,
-                run_name="train[text_baseline]", tags={"av_simulated": ds.av_simulated, "model": "text_baseline"})
+        fingerprint = {"kind": "text_baseline", "encoder": cfg.psamf.encoder, "max_len": cfg.psamf.max_len,
+                       "dropout": cfg.psamf.dropout, **_base_fingerprint(cfg, ds, device, amp)}
+        extra = {"dropout": cfg.psamf.dropout, "encoder_configs": {"text": model.encoder.config.to_dict()}}
+        return _run(cfg, kind="text_baseline", ds=ds, tensors=tensors, model=model, loss_parts=loss_parts,
+                    forward=lambda m, b: m(b), device=device, amp=amp, out_dir=out, fingerprint=fingerprint,
+                    save_extra=extra, tokenizers={"tokenizer": tok_info["tokenizer"]}, trial=None,
+                    run_name="train[text_baseline]")
