@@ -435,3 +435,19 @@ def test_the_train_run_spans_the_set_up_as_well_as_the_epochs(env, monkeypatch):
     run = mlflow.MlflowClient(tracking_uri(cfg)).get_run(seen["run"].info.run_id)
     assert run.info.start_time / 1e3 <= seen["table_at"] <= run.info.end_time / 1e3
     assert run.info.status == "FINISHED" and run.data.tags["av_simulated"] == "false"
+
+
+def test_the_personality_run_spans_loading_the_encoder(env, monkeypatch):
+    """As for `train`: the personality stage's run is open while the encoder loads and the clips
+    are tokenized, not only during the epochs."""
+    import mlflow
+
+    from psamf.psa_mf import personality as pm
+
+    root, _, _ = env
+    cfg = cfg_for(root, f"personality.out_dir={root}/pers-span")
+    seen = []
+    orig = pm.build_trait_model
+    monkeypatch.setattr(pm, "build_trait_model", lambda *a, **k: seen.append(mlflow.active_run()) or orig(*a, **k))
+    pm.train_personality(cfg)
+    assert seen and seen[0] is not None and seen[0].data.tags.get("stage") == "personality"

@@ -203,66 +203,67 @@ def train_personality(cfg: Config, *, on_epoch=None) -> dict[str, Any]:
     train_df = df[(df["split"] == "train") & ~df["empty_text"]]
     if train_df.empty:
         raise InputError(corpus_dir, "no training clips with a transcript after the speaker-disjoint split")
-    out_dir = Path(pc.out_dir)
-    ckpt = ckpt_dir_for(out_dir)
-    device = resolve_device(cfg.train.device)
-    amp = bool(cfg.train.amp) and device.type == "cuda"
-
-    from psamf.models.encoders import load_tokenizer
-
-    tokenizer = load_tokenizer(pc.encoder)
-    seed_everything(pc.split_seed)
-    model = build_trait_model(pc.encoder)
-
-    labels = {s: df.loc[df["split"] == s, list(TRAITS)].to_numpy(np.float32) for s in ("valid", "test")}
-    y_train = train_df[list(TRAITS)].to_numpy(np.float32)
-    mean, sd = trait_stats(y_train)
-    head = _head(model)
-    with torch.no_grad():  # the head starts at the train mean (zero in z units)
-        head.bias.zero_()
-
-    def tensors(frame: pd.DataFrame, y: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-        t = tokenize(tokenizer, frame["text"].tolist(), pc.max_len)
-        if y is not None:
-            t["label"] = torch.from_numpy(((y - mean) / sd).astype(np.float32))
-        return t
-
-    train = tensors(train_df, y_train)
-    evals = {s: tensors(df[df["split"] == s]) for s in ("valid", "test")}
-    model.to(device)
-
-    def forward(m: nn.Module, b: Batch) -> torch.Tensor:
-        b = to_device(trim_padding(b), device)
-        inputs = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        with autocast(device, amp):
-            return m(**inputs).logits.float()
-
-    progress = BatchProgress(len(train["label"]), pc.batch_size, "personality")
-
-    def loss_fn(m: nn.Module, b: Batch) -> torch.Tensor:
-        progress.step()
-        return nn.functional.mse_loss(forward(m, b), b["label"].to(device))
-
-    def raw_pred(m: nn.Module, split: str) -> np.ndarray:
-        return predict(m, evals[split], forward, batch_size=max(64, pc.batch_size)) * sd + mean
-
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        progress.close()
-        p = raw_pred(m, "valid")
-        check_finite_preds(p, "valid")  # NaN would pass np.clip and never be the best: fit reports it
-        met = trait_metrics(p, labels["valid"])
-        return {"valid_mse": float(np.mean((np.clip(p, 0, 1) - labels["valid"]) ** 2)),
-                "valid_mean_r": met["mean_r"], **{f"valid_r_{t}": v for t, v in met["r"].items()}}
-
-    opt = torch.optim.AdamW(_param_groups(model, pc.lr, pc.lr_head), foreach=True)
-    fp = config_fingerprint({"personality": {k: v for k, v in asdict(pc).items()
-                                             if k not in ("epochs", "out_dir", "keep_checkpoints")},
-                             "n_train": len(train_df),
-                             "device": device.type, "amp": amp, "files": _files_key(corpus_dir)})
-    info = corpus_info(df)
+    # The run opens once the inputs are checked, so it spans loading the encoder and tokenizing too.
     tags = {"personality_corpus": str(corpus_dir), "personality_synthetic": synthetic, "encoder": pc.encoder}
-    store = store_for(cfg, "personality", fp)
     with tracking.stage_run(cfg, "personality", tags=tags):
+        out_dir = Path(pc.out_dir)
+        ckpt = ckpt_dir_for(out_dir)
+        device = resolve_device(cfg.train.device)
+        amp = bool(cfg.train.amp) and device.type == "cuda"
+
+        from psamf.models.encoders import load_tokenizer
+
+        tokenizer = load_tokenizer(pc.encoder)
+        seed_everything(pc.split_seed)
+        model = build_trait_model(pc.encoder)
+
+        labels = {s: df.loc[df["split"] == s, list(TRAITS)].to_numpy(np.float32) for s in ("valid", "test")}
+        y_train = train_df[list(TRAITS)].to_numpy(np.float32)
+        mean, sd = trait_stats(y_train)
+        head = _head(model)
+        with torch.no_grad():  # the head starts at the train mean (zero in z units)
+            head.bias.zero_()
+
+        def tensors(frame: pd.DataFrame, y: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+            t = tokenize(tokenizer, frame["text"].tolist(), pc.max_len)
+            if y is not None:
+                t["label"] = torch.from_numpy(((y - mean) / sd).astype(np.float32))
+            return t
+
+        train = tensors(train_df, y_train)
+        evals = {s: tensors(df[df["split"] == s]) for s in ("valid", "test")}
+        model.to(device)
+
+        def forward(m: nn.Module, b: Batch) -> torch.Tensor:
+            b = to_device(trim_padding(b), device)
+            inputs = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            with autocast(device, amp):
+                return m(**inputs).logits.float()
+
+        progress = BatchProgress(len(train["label"]), pc.batch_size, "personality")
+
+        def loss_fn(m: nn.Module, b: Batch) -> torch.Tensor:
+            progress.step()
+            return nn.functional.mse_loss(forward(m, b), b["label"].to(device))
+
+        def raw_pred(m: nn.Module, split: str) -> np.ndarray:
+            return predict(m, evals[split], forward, batch_size=max(64, pc.batch_size)) * sd + mean
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            progress.close()
+            p = raw_pred(m, "valid")
+            check_finite_preds(p, "valid")  # NaN would pass np.clip and never be the best: fit reports it
+            met = trait_metrics(p, labels["valid"])
+            return {"valid_mse": float(np.mean((np.clip(p, 0, 1) - labels["valid"]) ** 2)),
+                    "valid_mean_r": met["mean_r"], **{f"valid_r_{t}": v for t, v in met["r"].items()}}
+
+        opt = torch.optim.AdamW(_param_groups(model, pc.lr, pc.lr_head), foreach=True)
+        fp = config_fingerprint({"personality": {k: v for k, v in asdict(pc).items()
+                                                 if k not in ("epochs", "out_dir", "keep_checkpoints")},
+                                 "n_train": len(train_df),
+                                 "device": device.type, "amp": amp, "files": _files_key(corpus_dir)})
+        info = corpus_info(df)
+        store = store_for(cfg, "personality", fp)
         result = fit(model, opt, train, loss_fn, evaluate, epochs=pc.epochs, batch_size=pc.batch_size,
                      patience=max(1, pc.epochs), seed=pc.split_seed, ckpt_dir=ckpt, fingerprint=fp,
                      monitor="valid_mse", on_epoch=on_epoch or tracking.epoch_logger(), desc="personality",
