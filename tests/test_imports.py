@@ -132,3 +132,15 @@ def test_the_cuda_image_installs_the_gpu_extra():
     cuda = (REPO / "infra" / "Dockerfile.cuda").read_text()
     assert "['optional-dependencies']['gpu']" in cuda
     assert "['gpu']" not in (REPO / "infra" / "Dockerfile").read_text()
+
+
+def test_the_loo_report_task_imports_no_torch():
+    """The loo-report task only reads the per-user JSON reports: importing its module must not pull
+    in torch (about 2 s of every such task's start, outside any stage's compute)."""
+    import subprocess
+    import sys
+
+    code = "import sys, psamf.mult.loo, psamf.stages; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

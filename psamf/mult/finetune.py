@@ -28,13 +28,12 @@ from psamf.io import write_json
 from psamf.metrics import DivergedError, NonFiniteError, regression_metrics
 from psamf.models.mult import MulT
 from psamf.models.user_adapter import UserVocab
+from psamf.mult import VARIANTS
 from psamf.mult.pretrain import check_user, forward, load_pretrained, mult_inputs, take
 from psamf.stats import bootstrap_ci, mean_ci, paired_diff
 from psamf.training import Batch, predict
 
 
-
-VARIANTS = ("baseline", "fs_ua", "fs_ua_kd")
 
 
 def draw_split(labels: np.ndarray, k: int, rng: np.random.Generator, stratified: bool,

@@ -16,8 +16,7 @@ from psamf.config import Config
 from psamf.data.prepared import load_prepared
 from psamf.errors import InputError
 from psamf.io import write_json
-from psamf.mult.finetune import VARIANTS, finetune
-from psamf.mult.pretrain import pretrain
+from psamf.mult import VARIANTS
 from psamf.stats import paired_diff
 
 
@@ -41,6 +40,10 @@ def loo_users(cfg: Config) -> list[str]:
 
 def loo(cfg: Config, users: list[str] | None = None, on_user=None) -> dict[str, Any]:
     """Pretrain + finetune for every LOO user, then write the report."""
+    # Here, not at the top: the report functions below (the loo-report task) need no torch.
+    from psamf.mult.finetune import finetune
+    from psamf.mult.pretrain import pretrain
+
     users = users or loo_users(cfg)
     with tracking.stage_run(cfg, "loo", "loo", {"loo_users": ",".join(users)}):
         for u in tqdm(users, desc="loo", unit="user"):
