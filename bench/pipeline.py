@@ -15,8 +15,10 @@ load average before and after.
 Each orchestrator runs in its own throwaway directory with its own MLflow store (nothing lands in
 the checkout). Stage compute is read back from MLflow: every stage opens one run around its
 work (data loading, training, evaluation, logging), so a stage run's start..end is that stage's
-compute. Not quite all of it: ingest builds the corpus and precomputes text features outside its
-run, so the overhead below is an upper bound. `busy_s` is the length of the union of those intervals (kfp.local runs two LOO
+compute. Not quite all of it: `fingerprint` (hashing the data source) and `fetch-data` (writing the
+corpus) open no stage run, so the overhead below is an upper bound. A run opens once its stage's inputs
+are checked, after the imports, so imports always count as overhead. `busy_s` is the length of the
+union of those intervals (kfp.local runs two LOO
 iterations at once, so summing them would count overlapping time twice; for `dvc repro`, which
 runs stages one by one, busy_s equals the sum). Overhead = (wall - busy) / busy: the time in which
 no stage was computing — interpreter start-up and imports per task, kfp's executor and its
@@ -41,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TARGET_WALL_S = 600.0
 TARGET_OVERHEAD = 0.15
-STAGES = ("ingest", "validate", "personality", "pretrain", "finetune", "loo", "tune", "train", "register")
+STAGES = ("ingest", "validate", "personality", "pretrain", "finetune", "loo", "tune", "train", "register", "report")
 
 
 def copy_worktree(dst: Path) -> None:
