@@ -53,7 +53,14 @@ def skip_final_gc_at_exit() -> None:
     promised `__del__` for objects alive at exit, the stages close their files and runs
     themselves, and later atexit hooks (MLflow's flush) still run. Called by the process entry
     points psamf owns (the CLI, a pipeline task), never on import."""
+    global _final_gc_skipped
+    if _final_gc_skipped:  # once per process (in-process CLI calls, e.g. tests, come here again)
+        return
     import atexit
     import gc
 
     atexit.register(gc.freeze)
+    _final_gc_skipped = True
+
+
+_final_gc_skipped = False

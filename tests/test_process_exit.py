@@ -41,3 +41,13 @@ def test_a_cli_command_freezes_the_heap_at_exit():
 def test_nothing_is_frozen_by_importing_psamf():
     """Only entry points opt in: a notebook that imports psamf keeps Python's usual shutdown."""
     assert frozen_at_exit("import psamf.stages, psamf.cli.main, psamf.training\n") == 0
+
+
+def test_the_hook_is_registered_once_per_process():
+    code = ("import atexit\n"
+            "from psamf.resources import skip_final_gc_at_exit\n"
+            "before = atexit._ncallbacks()\n"
+            "for _ in range(3):\n"
+            "    skip_final_gc_at_exit()\n"
+            "assert atexit._ncallbacks() == before + 1, atexit._ncallbacks() - before\n")
+    assert frozen_at_exit(code) > 0
