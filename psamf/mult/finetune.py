@@ -34,8 +34,6 @@ from psamf.stats import bootstrap_ci, mean_ci, paired_diff
 from psamf.training import Batch, predict
 
 
-
-
 def draw_split(labels: np.ndarray, k: int, rng: np.random.Generator, stratified: bool,
                support_pool: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """(support, test): indices (into labels) of a k-shot support set and of the test set.

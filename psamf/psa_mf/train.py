@@ -345,9 +345,8 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
     if kind == "psamf":
         report["personality_encoder"] = (None if cfg.psamf.ablation == "no_personality"
                                          else cfg.psamf.personality_encoder)
-    if pruned["epoch"] is not None:
+    if report["pruned"]:
         report.update(pruned_epoch=pruned["epoch"], valid={"mae": result.best_score})
-        write_json(out_dir / "metrics.json", report)
         tracking.set_tags({"pruned": True})
     elif trial is not None:
         # A tune trial chooses, so it is scored on valid only, and fit() left the best epoch's
@@ -365,8 +364,8 @@ def _run(cfg: Config, *, kind: str, ds: PreparedDataset, tensors: dict[str, torc
         tracking.log_artifact(out_dir / PREDICTIONS, "train")
         _save_model(out_dir, model, kind=kind, cfg=cfg, extra=save_extra, tokenizers=tokenizers, fingerprint=fp,
                     av_simulated=ds.av_simulated)
-    if pruned["epoch"] is None:
-        write_json(out_dir / "metrics.json", report)
+    write_json(out_dir / "metrics.json", report)
+    if not report["pruned"]:
         tracking.log_metrics({**{f"best_valid_{k}": v for k, v in report["valid"].items()},
                               **{f"test_{k}": v for k, v in report.get("test", {}).items()},
                               "best_epoch": result.best_epoch})
